@@ -1,0 +1,293 @@
+"""Loading and saving diffusers/transformers folders, safetensors only.
+
+    module, params = load_component("sd15/unet")
+    parts = load_pipeline("instruct-pix2pix")  # parts.params = {"unet", "vae", "text_encoder"}
+    save_pipeline("out", parts)                # diffusers' PyTorch pipeline loads this
+
+Pickle-based weights (``.bin``, ``.ckpt``, ``.pt``) are never opened: they can
+run arbitrary code. Loading checks every tensor: missing, unexpected and
+mis-shaped ones are listed together in one error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.metadata
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ip2p_jax import tokenizer as tokenizers
+from ip2p_jax.checkpoints import formats, safetensors
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PIPELINE_MODELS = ("unet", "vae", "text_encoder")
+
+
+class CheckpointError(ValueError):
+  """A model folder cannot be loaded as asked."""
+
+
+class UnsafeWeightsError(CheckpointError):
+  """Only pickle-based weight files were found; we refuse to unpickle them."""
+
+
+def resolve(path_or_id: str) -> str:
+  """A local folder for ``path_or_id``: the folder itself, or a Hugging Face hub id
+  found in the local cache. Never downloads."""
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  if os.path.isfile(path_or_id):
+    if path_or_id.endswith(PICKLE_SUFFIXES):
+      raise UnsafeWeightsError(_pickle_message([path_or_id]))
+    raise CheckpointError(f"{path_or_id}: a single weights file; pass a diffusers-format folder "
+                          "(with model_index.json or config.json) instead")
+  looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+  if looks_like_hub_id:
+    try:
+      import huggingface_hub
+      return huggingface_hub.snapshot_download(path_or_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+      raise CheckpointError(
+          f"{path_or_id!r} is not a local folder and is not in the local Hugging Face cache. "
+          f"This library does not download at run time: fetch it where the hub is reachable "
+          f"(`huggingface-cli download {path_or_id} --local-dir DIR`) and pass the local folder."
+      ) from None
+  raise CheckpointError(f"{path_or_id}: no such folder")
+
+
+def _pickle_message(files: list[str]) -> str:
+  return (f"refusing to load pickle-based weights {sorted(files)}: unpickling can execute "
+          "arbitrary code. Convert them to safetensors once, in a trusted environment: "
+          "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)` "
+          "(diffusers/transformers), or for a single-file .ckpt, diffusers' "
+          "scripts/convert_original_stable_diffusion_to_diffusers.py --to_safetensors.")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: missing") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
+  """The safetensors file(s) holding a component's weights."""
+  names = [f"{stem}.{variant}" if variant else stem]
+  if not variant:
+    names += [f"{stem}.fp16", f"{stem}.bf16"]  # a folder holding only a variant
+  for name in names:
+    single = os.path.join(folder, f"{name}.safetensors")
+    if os.path.isfile(single):
+      return [single]
+    indexes = [f"{name}.safetensors.index.json"]
+    if variant:  # diffusers names sharded variants stem.safetensors.index.VARIANT.json
+      indexes.append(f"{stem}.safetensors.index.{variant}.json")
+    for index in (os.path.join(folder, i) for i in indexes):
+      if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map", {})
+        return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+  pickles = [p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES)]
+  if pickles:
+    raise UnsafeWeightsError(_pickle_message(pickles))
+  raise CheckpointError(f"{folder}: no weights found (expected {names[0]}.safetensors "
+                        f"or {names[0]}.safetensors.index.json)")
+
+
+def read_state_dict(folder: str, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
+  state = {}
+  for path in _weight_files(folder, stem, variant):
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path}: listed in the shard index but missing")
+    try:
+      state.update(safetensors.load(path))
+    except safetensors.SafetensorsError as e:
+      raise CheckpointError(str(e)) from None
+  return state
+
+
+def abstract_params(module: nn.Module) -> dict:
+  """Parameter shapes and dtypes of ``module`` without allocating anything."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
+  return nn.unbox(shapes["params"])
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  return formats.to_torch(path, np.empty(shape, np.uint8)).shape
+
+
+def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
+                           state: Mapping[str, np.ndarray], where: str) -> dict:
+  """Our parameter pytree from a PyTorch state dict; one error lists every problem."""
+  expected = traverse_util.flatten_dict(abstract_params(module))
+  params, missing, misshaped, used = {}, [], [], set()
+  for path, spec in expected.items():
+    key = formats.torch_key(path)
+    found = next((k for k in [key, *kind.aliases(key)] if k in state), None)
+    if found is None:
+      missing.append(key)
+      continue
+    used.add(found)
+    array = formats.from_torch(path, state[found])
+    if array.shape != spec.shape:
+      misshaped.append(f"{key}: file has {tuple(state[found].shape)}, model needs "
+                       f"{_torch_shape(path, spec.shape)}")
+      continue
+    params[path] = array
+  unexpected = sorted(set(state) - used - kind.buffers)
+  if missing or unexpected or misshaped:
+    lines = [f"{where}: weights do not match the {kind.class_name} described by config.json"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("mis-shaped", misshaped)):
+      if items:
+        shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+        lines.append(f"  {len(items)} {title}: {shown}")
+    raise CheckpointError("\n".join(lines))
+  dtypes = {p: s.dtype for p, s in expected.items()}
+  return traverse_util.unflatten_dict(
+      {p: jnp.asarray(np.asarray(a, dtype=dtypes[p])) for p, a in params.items()})
+
+
+def load_component(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                   variant: str | None = None, **module_kwargs) -> tuple[nn.Module, dict]:
+  """``(module, params)`` for one component folder (``config.json`` + safetensors).
+
+  ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored
+  in (fp16 files are upcast to it). ``module_kwargs`` go to the module
+  (e.g. ``attention_implementation``, ``remat`` for the UNet).
+  """
+  folder = resolve(path)
+  raw = _read_json(os.path.join(folder, "config.json"))
+  kind = formats.kind_of_config(raw, os.path.join(folder, "config.json"))
+  module = kind.module(kind.build(raw), dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+  state = read_state_dict(folder, kind.weights_name, variant)
+  return module, params_from_state_dict(kind, module, state, folder)
+
+
+def _version(package: str, fallback: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return fallback
+
+
+def _write_json(path: str, data: Mapping[str, Any]) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def save_component(path: str, module: nn.Module, params: Mapping[str, Any], *,
+                   dtype: Any = None, max_shard_bytes: int | None = None) -> None:
+  """Writes ``config.json`` and safetensors weights in the diffusers/transformers
+  layout of ``module`` (sharded with an ``.index.json`` above ``max_shard_bytes``)."""
+  kind = formats.kind_of_config_object(module.config, module)
+  os.makedirs(path, exist_ok=True)
+  config = module.config.to_dict()
+  if kind.library == "diffusers":
+    config["_diffusers_version"] = _version("diffusers", "0.42.0")
+  else:
+    config["transformers_version"] = _version("transformers", "5.0.0")
+  flat = traverse_util.flatten_dict(nn.unbox(dict(params)))
+  tensors = {}
+  for p, a in flat.items():
+    array = np.asarray(jax.device_get(a))
+    if dtype is not None:
+      array = array.astype(dtype)
+    tensors[formats.torch_key(p)] = np.ascontiguousarray(formats.to_torch(p, array))
+  _write_weights(path, kind.weights_name, tensors, max_shard_bytes)
+  _write_json(os.path.join(path, "config.json"), config)
+
+
+def _write_weights(folder: str, stem: str, tensors: dict[str, np.ndarray],
+                   max_shard_bytes: int | None) -> None:
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for key in sorted(tensors):
+    if max_shard_bytes and shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][key] = tensors[key]
+    size += tensors[key].nbytes
+  if len(shards) == 1:
+    safetensors.save(os.path.join(folder, f"{stem}.safetensors"), shards[0])
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors.save(os.path.join(folder, name), shard)
+    weight_map.update({k: name for k in shard})
+  _write_json(os.path.join(folder, f"{stem}.safetensors.index.json"),
+              {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+               "weight_map": weight_map})
+
+
+@dataclasses.dataclass
+class PipelineParts:
+  """Everything in a diffusers pipeline folder that the JAX side uses."""
+  modules: dict[str, nn.Module]   # "unet", "vae", "text_encoder"
+  params: dict[str, Any]          # the one parameter pytree, same keys
+  tokenizer: Any
+  scheduler_config: dict[str, Any]
+  model_index: dict[str, Any]
+
+
+def load_pipeline(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                  variant: str | None = None, **unet_kwargs) -> PipelineParts:
+  """A Stable Diffusion / InstructPix2Pix folder (``model_index.json``, ``unet/``,
+  ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+  folder = resolve(path)
+  index = _read_json(os.path.join(folder, "model_index.json"))
+  modules, params = {}, {}
+  for name in PIPELINE_MODELS:
+    sub = os.path.join(folder, name)
+    if not os.path.isdir(sub):
+      raise CheckpointError(f"{folder}: pipeline component folder {name}/ is missing")
+    kwargs = unet_kwargs if name == "unet" else {}
+    modules[name], params[name] = load_component(sub, dtype=dtype, param_dtype=param_dtype,
+                                                 variant=variant, **kwargs)
+  tok_dir = os.path.join(folder, "tokenizer")
+  tokenizer = tokenizers.load(tok_dir if os.path.isdir(tok_dir) else None)
+  sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+  scheduler_config = _read_json(sched) if os.path.isfile(sched) else {}
+  return PipelineParts(modules, params, tokenizer, scheduler_config, index)
+
+
+def save_pipeline(path: str, parts: PipelineParts, *, dtype: Any = None) -> None:
+  """Writes a folder that diffusers' PyTorch pipelines (and :func:`load_pipeline`) load."""
+  os.makedirs(path, exist_ok=True)
+  for name in PIPELINE_MODELS:
+    save_component(os.path.join(path, name), parts.modules[name], parts.params[name], dtype=dtype)
+  parts.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+  if parts.scheduler_config:
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), parts.scheduler_config)
+  index = dict(parts.model_index)
+  index.update({
+      "_diffusers_version": _version("diffusers", "0.42.0"),
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers",
+                       formats.kind_of_config_object(parts.modules["text_encoder"].config,
+                                                     parts.modules["text_encoder"]).class_name],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+  })
+  if parts.scheduler_config:
+    index["scheduler"] = ["diffusers", parts.scheduler_config.get("_class_name",
+                                                                 "EulerAncestralDiscreteScheduler")]
+  for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+    index.setdefault(optional, [None, None])
+  index.setdefault("requires_safety_checker", False)
+  _write_json(os.path.join(path, "model_index.json"), index)

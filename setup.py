@@ -1,0 +1,38 @@
+"""ip2p_jax: InstructPix2Pix in JAX/Flax, TPU-first."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ip2p_jax",
+    version="0.1.0",
+    description="InstructPix2Pix (instruction-based image editing) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ip2p_jax", "ip2p_jax.*"]),
+    package_data={"ip2p_jax": ["assets/*/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "transformers>=5.0",
+        "diffusers>=0.40",
+        "huggingface_hub",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        "einops>=0.8",
+        "safetensors>=0.4",
+        "ml_dtypes",
+        "ml_collections",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is the PyTorch reference our numbers are checked against (tests only).
+        "test": ["pytest", "torch==2.13.0"],
+    },
+    entry_points={"console_scripts": ["ip2p = ip2p_jax.cli:main"]},
+)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny PyTorch reference models built with diffusers/transformers."""
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import numpy as np
+import pytest
+
+
+def randomize_(model, seed: int = 0):
+  """Gives every parameter of a torch model non-trivial values (norm scales away
+  from 1, biases away from 0), so a transposed or swapped tensor cannot go unnoticed."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g)
+      if p.ndim == 1 and ("norm" in name or "layrnorm" in name) and name.endswith("weight"):
+        p.copy_(1.0 + 0.1 * noise)
+      elif p.ndim <= 1:
+        p.copy_(0.1 * noise)
+  return model
+
+
+def nchw(x: np.ndarray) -> np.ndarray:
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def nhwc(x) -> np.ndarray:
+  return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def perturb_params(params, seed: int = 0, scale: float = 0.05):
+  """Our params plus noise: a random model for the save-and-load-in-PyTorch direction."""
+  import jax
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="session")
+def rng():
+  return np.random.default_rng(0)
