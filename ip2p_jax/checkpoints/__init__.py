@@ -1,11 +1,12 @@
 """Weights I/O: diffusers/transformers folders <-> our parameter pytrees (safetensors only)."""
 from ip2p_jax.checkpoints.io import (CheckpointError, PipelineParts, UnsafeWeightsError,
-                                     abstract_params, load_component, load_pipeline, resolve,
+                                     abstract_params, load_component, load_pipeline, module_from_config,
+                                     resolve,
                                      save_component, save_pipeline)
 from ip2p_jax.checkpoints.safetensors import SafetensorsError
 
 __all__ = [
     "CheckpointError", "PipelineParts", "SafetensorsError", "UnsafeWeightsError",
-    "abstract_params", "load_component", "load_pipeline", "resolve", "save_component",
+    "abstract_params", "load_component", "load_pipeline", "module_from_config", "resolve", "save_component",
     "save_pipeline",
 ]

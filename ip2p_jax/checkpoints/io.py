@@ -158,6 +158,14 @@ def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
       {p: jnp.asarray(np.asarray(a, dtype=dtypes[p])) for p, a in params.items()})
 
 
+def module_from_config(raw: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32, where: str = "config",
+                       **module_kwargs) -> nn.Module:
+  """Our module for a diffusers/transformers config dict (e.g. ``configs.models.SD15_UNET``)."""
+  kind = formats.kind_of_config(raw, where)
+  return kind.module(kind.build(raw), dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+
+
 def load_component(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                    variant: str | None = None, **module_kwargs) -> tuple[nn.Module, dict]:
   """``(module, params)`` for one component folder (``config.json`` + safetensors).
@@ -167,9 +175,11 @@ def load_component(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jn
   (e.g. ``attention_implementation``, ``remat`` for the UNet).
   """
   folder = resolve(path)
-  raw = _read_json(os.path.join(folder, "config.json"))
-  kind = formats.kind_of_config(raw, os.path.join(folder, "config.json"))
-  module = kind.module(kind.build(raw), dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+  where = os.path.join(folder, "config.json")
+  raw = _read_json(where)
+  kind = formats.kind_of_config(raw, where)
+  module = module_from_config(raw, dtype=dtype, param_dtype=param_dtype, where=where,
+                              **module_kwargs)
   state = read_state_dict(folder, kind.weights_name, variant)
   return module, params_from_state_dict(kind, module, state, folder)
 
@@ -206,7 +216,7 @@ def save_component(path: str, module: nn.Module, params: Mapping[str, Any], *,
     array = np.asarray(jax.device_get(a))
     if dtype is not None:
       array = array.astype(dtype)
-    tensors[formats.torch_key(p)] = np.ascontiguousarray(formats.to_torch(p, array))
+    tensors[formats.torch_key(p)] = formats.to_torch(p, array)
   _write_weights(path, kind.weights_name, tensors, max_shard_bytes)
   _write_json(os.path.join(path, "config.json"), config)
 

@@ -79,7 +79,7 @@ def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
   """Writes ``tensors`` atomically (temporary file in the same folder, then rename)."""
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
-    arr = np.ascontiguousarray(tensors[name])
+    arr = np.array(tensors[name], order="C", copy=None)  # keeps 0-d shapes, unlike ascontiguousarray
     if arr.dtype not in _NAMES:
       raise SafetensorsError(f"cannot store tensor {name!r} of dtype {arr.dtype}")
     header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),

@@ -1,0 +1,1 @@
+"""Configs: model shapes (``models``) and, per job, ml_collections ``get_config`` files."""
