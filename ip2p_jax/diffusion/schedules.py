@@ -1,0 +1,232 @@
+"""Noise schedules and the noise levels a sampler visits, read from diffusers'
+``scheduler_config.json``.
+
+All samplers run in the variance-exploding parameterisation of Karras et al.
+(2022): ``x = x0 + sigma * eps`` with ``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)``.
+The UNet sees ``x / sqrt(1 + sigma^2)`` (the variance-preserving latent) and the
+training timestep ``t``. :func:`noise_levels` reproduces each diffusers scheduler's
+``set_timesteps`` so that results match diffusers step for step.
+
+Timestep spacing follows Lin et al. 2023 (Table 2): "leading", "trailing", "linspace".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from ip2p_jax.models.configuration import ConfigError, parse_config
+
+SAMPLERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
+
+# diffusers' scheduler class for each sampler, and the class's own defaults: diffusers'
+# `Scheduler.from_config(other_config)` keeps the shared keys and takes these for the rest.
+_CLASS = {
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+_SAMPLER_OF_CLASS = {v: k for k, v in _CLASS.items()}
+_CLASS_DEFAULTS = {
+    "euler_ancestral": {"timestep_spacing": "linspace"},
+    "euler": {"timestep_spacing": "linspace", "use_karras_sigmas": False,
+              "final_sigmas_type": "zero"},
+    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
+             "set_alpha_to_one": True},
+    "dpmpp_2m": {"timestep_spacing": "linspace", "use_karras_sigmas": False,
+                 "final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """The keys of a diffusers scheduler config that define the noise levels."""
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.0001
+  beta_end: float = 0.02
+  beta_schedule: str = "linear"  # or "scaled_linear", "squaredcos_cap_v2"
+  prediction_type: str = "epsilon"  # or "v_prediction", "sample"
+  timestep_spacing: str = "linspace"  # or "leading", "trailing"
+  steps_offset: int = 0
+  use_karras_sigmas: bool = False
+  final_sigmas_type: str = "zero"  # or "sigma_min"
+  set_alpha_to_one: bool = True  # DDIM: the last step lands on alphabar = 1
+  clip_sample: bool = False  # DDIM: clip the predicted x0
+  clip_sample_range: float = 1.0
+  lower_order_final: bool = True  # DPM-Solver++
+  euler_at_final: bool = False  # DPM-Solver++
+
+  UNSUPPORTED = {
+      "trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
+      "interpolation_type": "linear", "timestep_type": "discrete", "use_exponential_sigmas": False,
+      "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+      "sigma_min": None, "sigma_max": None, "solver_order": 2, "algorithm_type": "dpmsolver++",
+      "solver_type": "midpoint", "lambda_min_clipped": -math.inf, "variance_type": None,
+      "use_dynamic_shifting": False,
+  }
+  IGNORED = frozenset({
+      "skip_prk_steps", "dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
+      "time_shift_type", "clip_sample_range_max", "shift_terminal", "invert_sigmas",
+      "max_image_seq_len", "base_image_seq_len", "base_shift", "max_shift", "shift",
+      "beta_sigmas_alpha", "beta_sigmas_beta", "solver_p",
+  })
+
+  @classmethod
+  def from_dict(cls, raw: Mapping[str, Any], sampler: str) -> "ScheduleConfig":
+    """The schedule diffusers' ``_CLASS[sampler].from_config(raw)`` would build."""
+    if sampler not in SAMPLERS:
+      raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    raw = {**_CLASS_DEFAULTS[sampler], **{k: v for k, v in raw.items() if v is not None
+                                          or k in cls.UNSUPPORTED}}
+    if sampler not in ("ddim",):  # DDIM-only keys must not leak into other samplers
+      raw.pop("clip_sample", None)
+      raw.pop("set_alpha_to_one", None)
+    config = parse_config(cls, raw, component="scheduler", unsupported=cls.UNSUPPORTED,
+                          ignored=cls.IGNORED)
+    for key, allowed in (("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
+                         ("prediction_type", ("epsilon", "v_prediction", "sample")),
+                         ("timestep_spacing", ("linspace", "leading", "trailing")),
+                         ("final_sigmas_type", ("zero", "sigma_min"))):
+      if getattr(config, key) not in allowed:
+        raise ConfigError(f"scheduler: config key {key!r} = {getattr(config, key)!r} is not "
+                          f"supported; choose one of {list(allowed)}")
+    return config
+
+
+def sampler_of_scheduler_config(raw: Mapping[str, Any]) -> str:
+  """The sampler a folder's scheduler_config.json names (Euler ancestral if unknown)."""
+  name = raw.get("_class_name", "EulerAncestralDiscreteScheduler")
+  return _SAMPLER_OF_CLASS.get(name, "euler_ancestral")
+
+
+def betas(config: ScheduleConfig) -> np.ndarray:
+  n = config.num_train_timesteps
+  if config.beta_schedule == "linear":
+    return np.linspace(config.beta_start, config.beta_end, n, dtype=np.float32)
+  if config.beta_schedule == "scaled_linear":  # latent diffusion's schedule
+    return np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n, dtype=np.float32) ** 2
+  # Nichol & Dhariwal 2021, cosine alpha-bar, betas capped at 0.999.
+  alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                  dtype=np.float32)
+
+
+def alphas_cumprod(config: ScheduleConfig) -> np.ndarray:
+  return np.cumprod(1.0 - betas(config), dtype=np.float32)
+
+
+def train_sigmas(config: ScheduleConfig) -> np.ndarray:
+  """sigma_t for every training timestep t."""
+  ac = alphas_cumprod(config)
+  return ((1 - ac) / ac) ** 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseLevels:
+  """What a sampler visits: ``sigmas[i] -> sigmas[i + 1]`` at model timestep ``timesteps[i]``.
+
+  ``init_noise_sigma`` scales unit-variance noise into the first state;
+  ``final_scale`` turns the last state into the latent diffusers returns (1 for
+  the Euler family, which decodes the VE state; 1/sqrt(1+sigma^2) for DDIM and
+  DPM-Solver, which work on the VP latent). DDIM steps to
+  ``sigmas_next[i]`` (t - T/S), which differs from ``sigmas[i + 1]`` for
+  "linspace"/"trailing" spacing; the state is reinterpreted at the new level
+  between steps exactly as diffusers does.
+  """
+  sigmas: np.ndarray       # [S + 1], float32, decreasing
+  timesteps: np.ndarray    # [S], what the UNet is given
+  sigmas_next: np.ndarray  # [S]
+  init_noise_sigma: float
+  final_scale: float
+  final_first_order: bool = True  # DPM-Solver++: first-order last step
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.timesteps)
+
+
+def _spaced(config: ScheduleConfig, num_steps: int, *, integer: bool, extra: int = 0) -> np.ndarray:
+  """Training timesteps for ``num_steps`` sampling steps, by ``timestep_spacing``.
+  ``extra=1`` is DPM-Solver's variant (S + 1 points, the last dropped)."""
+  n = config.num_train_timesteps
+  points = num_steps + extra
+  if config.timestep_spacing == "linspace":
+    t = np.linspace(0, n - 1, points)
+    t = (t.round() if integer else t.astype(np.float32))[::-1]
+  elif config.timestep_spacing == "leading":
+    t = (np.arange(0, points) * (n // points)).round()[::-1] + config.steps_offset
+  else:  # trailing
+    t = np.round(np.arange(n, 0, -n / num_steps)) - 1
+  t = t[:num_steps] if extra else t
+  return t.astype(np.int64) if integer else t.astype(np.float32)
+
+
+def _karras(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+  """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho)."""
+  ramp = np.linspace(0, 1, num_steps)
+  return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """The (fractional) training timestep whose sigma is ``sigma``, interpolating log sigma."""
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return (1 - w) * low + w * (low + 1)
+
+
+def noise_levels(config: ScheduleConfig, sampler: str, num_steps: int) -> NoiseLevels:
+  """The noise levels of diffusers' scheduler for ``sampler`` after ``set_timesteps``."""
+  if num_steps < 1:
+    raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+  ac = alphas_cumprod(config)
+  all_sigmas = train_sigmas(config)
+  log_sigmas = np.log(all_sigmas)
+  sigma_min_last = float(all_sigmas[0])
+  if sampler == "ddim":
+    t = _spaced(config, num_steps, integer=True)
+    prev = t - config.num_train_timesteps // num_steps
+    final_ac = 1.0 if config.set_alpha_to_one else float(ac[0])
+    ac_next = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final_ac)
+    sigmas_next = ((1 - ac_next) / ac_next) ** 0.5
+    sigmas = np.concatenate([all_sigmas[t], sigmas_next[-1:]])
+    return NoiseLevels(sigmas.astype(np.float32), t.astype(np.float32),
+                       sigmas_next.astype(np.float32),
+                       init_noise_sigma=float(np.sqrt(1 + sigmas[0].astype(np.float64) ** 2)),
+                       final_scale=float(1 / np.sqrt(1 + float(sigmas[-1]) ** 2)))
+  if sampler == "dpmpp_2m":
+    t = _spaced(config, num_steps, integer=True, extra=1)
+    if config.use_karras_sigmas:
+      flipped = all_sigmas[::-1]
+      sigmas = _karras(float(flipped[-1]), float(flipped[0]), num_steps)
+      t = _sigma_to_t(sigmas, log_sigmas)
+      t = t.round() if config.beta_schedule != "squaredcos_cap_v2" else t
+      t = t.astype(np.int64)
+    else:
+      sigmas = np.interp(t, np.arange(len(all_sigmas)), all_sigmas)
+    last = sigma_min_last if config.final_sigmas_type == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    first_order = (config.final_sigmas_type == "zero" or config.euler_at_final
+                   or (config.lower_order_final and num_steps < 15))
+    return NoiseLevels(sigmas, t.astype(np.float32), sigmas[1:], init_noise_sigma=float(
+        np.sqrt(1 + float(sigmas[0]) ** 2)), final_scale=float(1 / np.sqrt(1 + float(last) ** 2)),
+        final_first_order=first_order)
+  # Euler and Euler ancestral: fractional timesteps, sigmas interpolated in t.
+  t = _spaced(config, num_steps, integer=False)
+  sigmas = np.interp(t, np.arange(len(all_sigmas)), all_sigmas)
+  last = 0.0
+  if sampler == "euler":
+    if config.use_karras_sigmas:
+      sigmas = _karras(float(sigmas[-1]), float(sigmas[0]), num_steps)
+      t = _sigma_to_t(sigmas, log_sigmas)
+    if config.final_sigmas_type == "sigma_min":
+      last = sigma_min_last
+  sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+  smax = float(sigmas.max())
+  init = smax if config.timestep_spacing in ("linspace", "trailing") else (smax ** 2 + 1) ** 0.5
+  return NoiseLevels(sigmas, t.astype(np.float32), sigmas[1:], init_noise_sigma=float(init),
+                     final_scale=1.0)

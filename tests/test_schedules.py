@@ -1,0 +1,86 @@
+"""Noise schedules and timesteps against diffusers' schedulers, across beta schedules,
+timestep spacings, step counts and Karras sigmas."""
+import itertools
+
+import diffusers
+import numpy as np
+import pytest
+
+from ip2p_jax.diffusion.schedules import (ScheduleConfig, alphas_cumprod, noise_levels,
+                                          sampler_of_scheduler_config)
+from ip2p_jax.models import ConfigError
+
+CLASSES = {"euler": diffusers.EulerDiscreteScheduler,
+           "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
+           "ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+BASE = [
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="squaredcos_cap_v2"),
+]
+SPACINGS = [dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="linspace"),
+            dict(timestep_spacing="trailing")]
+
+
+def _cases():
+  for sampler, base, spacing, steps in itertools.product(CLASSES, BASE, SPACINGS, (1, 7, 10, 50)):
+    yield sampler, {**base, **spacing}, steps
+  for sampler in ("euler", "dpmpp_2m"):
+    for steps in (5, 20):
+      yield sampler, {**BASE[0], "use_karras_sigmas": True}, steps
+  yield "ddim", {**BASE[0], "set_alpha_to_one": False, "clip_sample": False}, 10
+  yield "dpmpp_2m", {**BASE[0], "final_sigmas_type": "sigma_min"}, 20
+  yield "euler", {**BASE[0], "final_sigmas_type": "sigma_min"}, 20
+
+
+@pytest.mark.parametrize("sampler,raw,steps", list(_cases()))
+def test_levels_match_diffusers(sampler, raw, steps):
+  ref = CLASSES[sampler](**raw)
+  ref.set_timesteps(steps)
+  levels = noise_levels(ScheduleConfig.from_dict(raw, sampler), sampler, steps)
+  np.testing.assert_allclose(levels.timesteps, ref.timesteps.numpy().astype(np.float64),
+                             rtol=0, atol=1e-3)
+  if sampler == "ddim":
+    ac = ref.alphas_cumprod.numpy().astype(np.float64)
+    t = ref.timesteps.numpy()
+    prev = t - ref.config.num_train_timesteps // steps
+    a_next = np.where(prev >= 0, ac[np.clip(prev, 0, None)], float(ref.final_alpha_cumprod))
+    np.testing.assert_allclose(levels.sigmas[:-1], np.sqrt((1 - ac[t]) / ac[t]), rtol=5e-5)
+    np.testing.assert_allclose(levels.sigmas_next, np.sqrt((1 - a_next) / a_next), rtol=5e-5,
+                               atol=1e-7)
+    return
+  # float32 cumprod in numpy vs torch: agreement to a few float32 ulps of the product.
+  np.testing.assert_allclose(levels.sigmas, ref.sigmas.numpy(), rtol=5e-5, atol=1e-7)
+  init = float(ref.init_noise_sigma)
+  if sampler == "dpmpp_2m":  # diffusers starts in the VP latent; our VE state is it / alpha
+    init *= np.sqrt(1 + float(ref.sigmas[0]) ** 2)
+    np.testing.assert_allclose(levels.final_scale, 1 / np.sqrt(1 + float(ref.sigmas[-1]) ** 2))
+  np.testing.assert_allclose(levels.init_noise_sigma, init, rtol=5e-5)
+
+
+def test_alphas_cumprod_match():
+  for base in BASE:
+    ref = diffusers.DDPMScheduler(**base).alphas_cumprod.numpy()
+    np.testing.assert_allclose(alphas_cumprod(ScheduleConfig.from_dict(base, "euler")), ref,
+                               rtol=2e-5)
+
+
+def test_from_config_semantics_follow_the_sampler_class():
+  """A folder written for Euler ancestral, sampled with DDIM, gets DDIM's own defaults
+  for keys it does not set (as ``DDIMScheduler.from_config`` would)."""
+  raw = {"_class_name": "EulerAncestralDiscreteScheduler", **BASE[0]}
+  assert sampler_of_scheduler_config(raw) == "euler_ancestral"
+  ddim = ScheduleConfig.from_dict(raw, "ddim")
+  assert ddim.clip_sample and ddim.set_alpha_to_one and ddim.timestep_spacing == "leading"
+  assert ScheduleConfig.from_dict(raw, "dpmpp_2m").timestep_spacing == "linspace"
+
+
+def test_bad_scheduler_options_are_named():
+  with pytest.raises(ConfigError, match="'rescale_betas_zero_snr'"):
+    ScheduleConfig.from_dict({"rescale_betas_zero_snr": True}, "euler")
+  with pytest.raises(ConfigError, match="'beta_schedule' = 'sigmoid'"):
+    ScheduleConfig.from_dict({"beta_schedule": "sigmoid"}, "euler")
+  with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+    ScheduleConfig.from_dict({}, "heun")
+  with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+    noise_levels(ScheduleConfig(), "euler", 0)
