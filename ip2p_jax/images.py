@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ip2p_jax.atomic import atomic_write
 
 RESIZE_MODES = ("fit", "crop", "resize")
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -135,15 +136,6 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 def save(im: Image.Image, path: str) -> None:
   """Writes ``im`` atomically: a temporary file in the same folder, then rename, so
   a killed run never leaves a partial output."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  suffix = os.path.splitext(path)[1] or ".png"
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      im.save(f, format=Image.registered_extensions().get(suffix.lower(), "PNG"))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  suffix = os.path.splitext(path)[1].lower() or ".png"
+  with atomic_write(path) as f:
+    im.save(f, format=Image.registered_extensions().get(suffix, "PNG"))

@@ -15,7 +15,6 @@ import glob
 import importlib.metadata
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from ip2p_jax import tokenizer as tokenizers
+from ip2p_jax.atomic import atomic_write
 from ip2p_jax.checkpoints import formats, safetensors
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -192,11 +192,9 @@ def _version(package: str, fallback: str) -> str:
 
 
 def _write_json(path: str, data: Mapping[str, Any]) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
+  with atomic_write(path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def save_component(path: str, module: nn.Module, params: Mapping[str, Any], *,

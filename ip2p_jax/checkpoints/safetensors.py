@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
+
+from ip2p_jax.atomic import atomic_write
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -89,16 +90,8 @@ def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
   header["__metadata__"] = dict(metadata or {"format": "pt"})
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for arr in arrays:
-        f.write(arr.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_write(path) as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for arr in arrays:
+      f.write(arr.tobytes())
