@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: random diffusers pipelines of a few sizes, timing."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SIZES = {
+    # name: (UNet block_out_channels, layers_per_block, cross_attention_dim, heads,
+    #        VAE block_out_channels, text hidden size, text layers)
+    "tiny": ((32, 64), 1, 32, 4, (16, 32), 32, 2),
+    "small": ((64, 128, 256), 2, 256, 8, (32, 64, 128), 256, 4),
+    "sd15": ((320, 640, 1280, 1280), 2, 768, 8, (128, 256, 512, 512), 768, 12),
+}
+
+
+def diffusers_ip2p(size: str, in_channels: int = 8, seed: int = 0):
+  """A StableDiffusionInstructPix2PixPipeline with random weights of the given size."""
+  import diffusers
+  import torch
+  import transformers
+  from ip2p_jax import tokenizer as tokenizers
+  unet_ch, layers, ctx, heads, vae_ch, text_d, text_layers = SIZES[size]
+  n = len(unet_ch)
+  torch.manual_seed(seed)
+  unet = diffusers.UNet2DConditionModel(
+      block_out_channels=unet_ch, layers_per_block=layers, in_channels=in_channels,
+      out_channels=4, cross_attention_dim=ctx, attention_head_dim=heads,
+      down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+      norm_num_groups=min(32, unet_ch[0] // 2))
+  vae = diffusers.AutoencoderKL(
+      block_out_channels=vae_ch, layers_per_block=2 if size == "sd15" else 1, latent_channels=4,
+      down_block_types=("DownEncoderBlock2D",) * len(vae_ch),
+      up_block_types=("UpDecoderBlock2D",) * len(vae_ch), norm_num_groups=min(32, vae_ch[0] // 2))
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      hidden_size=text_d, intermediate_size=4 * text_d, num_hidden_layers=text_layers,
+      num_attention_heads=max(1, text_d // 64), projection_dim=text_d))
+  return diffusers.StableDiffusionInstructPix2PixPipeline(
+      unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizers.load(),
+      scheduler=diffusers.EulerAncestralDiscreteScheduler(
+          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+          timestep_spacing="leading", steps_offset=1),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def best_of(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def machine() -> str:
+  import jax
+  cores = os.cpu_count()
+  return f"{platform.processor() or platform.machine()}, {cores} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}"

@@ -1,0 +1,64 @@
+"""Edit benchmark: ip2p_jax vs diffusers' StableDiffusionInstructPix2PixPipeline (PyTorch)
+on the same random weights, image size, steps, batch and sampler, in one run.
+
+  python benchmarks/edit_benchmark.py --size small --resolution 128 --steps 10 --batch 1 4
+
+Compile time is reported apart; the warm times are the best of --repeats runs.
+Prints ours/diffusers (< 1 means we are faster).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from common import SIZES, best_of, diffusers_ip2p, machine
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", choices=sorted(SIZES), default="small")
+  p.add_argument("--resolution", type=int, default=128)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+  args = p.parse_args()
+
+  import torch
+  from PIL import Image
+
+  from ip2p_jax import InstructPix2PixPipeline
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  ref = diffusers_ip2p(args.size)
+  folder = tempfile.mkdtemp()
+  ref.save_pretrained(folder)
+  ours = InstructPix2PixPipeline.from_pretrained(folder)
+  rng = np.random.default_rng(0)
+  print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
+  print(f"size={args.size} resolution={args.resolution} steps={args.steps} sampler=euler_ancestral")
+  print("batch | ours warm s | diffusers warm s | ratio ours/diffusers | ours compile s")
+  for b in args.batch:
+    images = [Image.fromarray(rng.integers(0, 256, (args.resolution, args.resolution, 3),
+                                           dtype=np.uint8)) for _ in range(b)]
+    prompts = ["make it look like winter"] * b
+    run_ours = lambda: ours(prompts, images, num_inference_steps=args.steps, output_type="np")
+    t = time.perf_counter()
+    run_ours()
+    first = time.perf_counter() - t
+    warm = best_of(run_ours, args.repeats)
+
+    def run_ref():
+      with torch.no_grad():
+        ref(prompts, image=images, num_inference_steps=args.steps, output_type="np")
+    ref.set_progress_bar_config(disable=True)
+    run_ref()
+    theirs = best_of(run_ref, args.repeats)
+    print(f"{b:5d} | {warm:11.3f} | {theirs:16.3f} | {warm / theirs:20.2f} | {first - warm:14.1f}")
+
+
+if __name__ == "__main__":
+  main()
