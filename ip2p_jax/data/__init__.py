@@ -1,0 +1,1 @@
+"""Training data: the shapes world, TFDS builders and grain input pipelines."""
