@@ -22,6 +22,7 @@ setup(
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8",
+        "importlib_resources",  # tensorflow-datasets needs it for builders in packages
         "einops>=0.8",
         "safetensors>=0.4",
         "ml_dtypes",

@@ -1,0 +1,310 @@
+"""TFDS builders (ArrayRecord files, no TensorFlow) for every dataset we train on.
+
+  * ``shapes_world``: the procedural shapes world (``data.shapes``), "train" and
+    "heldout" splits, deterministic in the seed;
+  * ``instructpix2pix``: local copies of the paper's data, either the original
+    folder format (``seeds.json``, ``DIR/prompt.json``, ``DIR/{seed}_0.jpg``,
+    ``DIR/{seed}_1.jpg``) or the Hugging Face parquet export (``original_prompt``,
+    ``original_image``, ``edit_prompt``, ``edited_prompt``, ``edited_image``);
+  * ``image_captions``: stage-1 pairs from a folder (an image with a ``.txt`` beside
+    it, or ``captions.jsonl`` lines ``{"file": ..., "text": ...}``) or parquet with
+    image and text columns.
+
+A listed-but-missing folder, an unreadable image or an empty prompt is skipped and
+counted; :func:`build` returns and prints the counts and writes them to
+``build_report.json`` in the dataset folder. Read back with :func:`open_split`.
+Images are stored as encoded bytes (PNG/JPEG as given), text as UTF-8.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ip2p_jax.atomic import atomic_write
+from ip2p_jax.data import shapes
+
+_TRIPLET_FEATURES = dict(
+    input_image=tfds.features.Image(shape=(None, None, 3)),
+    edited_image=tfds.features.Image(shape=(None, None, 3)),
+    instruction=tfds.features.Text(),
+    input_caption=tfds.features.Text(),
+    edited_caption=tfds.features.Text(),
+)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _checked_image(data: bytes) -> bytes:
+  """``data`` if it decodes to an image (in RGB after conversion), else ValueError."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      if im.mode != "RGB":
+        return png_bytes(np.asarray(im.convert("RGB")))
+  except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad bytes
+    raise ValueError(f"unreadable image ({e})") from None
+  return data
+
+
+class _Counting:
+  """Mixin: a per-build report of what was written and what was skipped, and why."""
+
+  def _count(self, what: str, n: int = 1) -> None:
+    if not hasattr(self, "report"):
+      self.report = collections.Counter()
+    self.report[what] += n
+
+
+@dataclasses.dataclass
+class ShapesWorldConfig(tfds.core.BuilderConfig):
+  size: int = 64
+  num_train: int = 1000
+  num_heldout: int = 100
+  seed: int = 0
+
+
+class ShapesWorld(tfds.core.GeneratorBasedBuilder, _Counting):
+  """Procedural instruction/edit triplets with exact ground truth and masks."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIG_CLASS = ShapesWorldConfig
+  BUILDER_CONFIGS = [ShapesWorldConfig(name="default")]
+
+  def _info(self):
+    size = self.builder_config.size
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
+        _TRIPLET_FEATURES,
+        edit_type=tfds.features.Text(),
+        input_masks=tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
+        edited_masks=tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
+        edit_mask=tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
+    )), description=shapes.__doc__)
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    return {"train": self._generate_examples("train", cfg.num_train),
+            "heldout": self._generate_examples("heldout", cfg.num_heldout)}
+
+  def _generate_examples(self, split: str, count: int):
+    cfg = self.builder_config
+    if not 8 <= cfg.size <= 512:
+      raise ValueError(f"shapes world size must be in [8, 512], got {cfg.size}")
+    for i in range(count):
+      ex = shapes.generate(cfg.seed, i, cfg.size, split)
+      self._count(f"{split}_written")
+      yield i, dict(
+          input_image=png_bytes(ex.input_image), edited_image=png_bytes(ex.edited_image),
+          instruction=ex.instruction, input_caption=ex.input_caption,
+          edited_caption=ex.edited_caption, edit_type=ex.edit_type,
+          input_masks=png_bytes(ex.input_masks), edited_masks=png_bytes(ex.edited_masks),
+          edit_mask=png_bytes(ex.edit_mask.astype(np.uint8) * 255))
+
+
+@dataclasses.dataclass
+class SourceConfig(tfds.core.BuilderConfig):
+  source: str = ""
+  format: str = ""  # instructpix2pix: "ip2p-folder" | "hf-parquet"; captions: "folder" | "parquet"
+  image_column: str = "image"
+  text_column: str = "text"
+
+
+class Instructpix2pix(tfds.core.GeneratorBasedBuilder, _Counting):
+  """The paper's (input, instruction, edited) triplets from a local copy."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIG_CLASS = SourceConfig
+  BUILDER_CONFIGS = [SourceConfig(name="default")]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=tfds.features.FeaturesDict(_TRIPLET_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    gen = {"ip2p-folder": self._from_folder, "hf-parquet": self._from_parquet}.get(cfg.format)
+    if gen is None:
+      raise ValueError(f"instructpix2pix format must be 'ip2p-folder' or 'hf-parquet', "
+                       f"got {cfg.format!r}")
+    return {"train": gen(cfg.source)}
+
+  def _emit(self, key, input_image, edited_image, instruction, input_caption, edited_caption):
+    if not (instruction or "").strip():
+      self._count("skipped_empty_prompt")
+      return None
+    try:
+      a, b = _checked_image(input_image), _checked_image(edited_image)
+    except ValueError:
+      self._count("skipped_corrupt_image")
+      return None
+    self._count("written")
+    return key, dict(input_image=a, edited_image=b, instruction=instruction.strip(),
+                     input_caption=input_caption or "", edited_caption=edited_caption or "")
+
+  def _from_folder(self, root: str) -> Iterator:
+    seeds_file = os.path.join(root, "seeds.json")
+    if not os.path.isfile(seeds_file):
+      raise FileNotFoundError(f"{root}: no seeds.json (the InstructPix2Pix folder format)")
+    with open(seeds_file, encoding="utf-8") as f:
+      listing = json.load(f)
+    for name, seeds in listing:
+      folder = os.path.join(root, name)
+      prompt_file = os.path.join(folder, "prompt.json")
+      if not os.path.isfile(prompt_file):
+        self._count("skipped_missing_folder")
+        self._count("skipped_examples_in_missing_folders", len(seeds))
+        continue
+      with open(prompt_file, encoding="utf-8") as f:
+        prompt = json.load(f)
+      for seed in seeds:
+        paths = [os.path.join(folder, f"{seed}_{i}.jpg") for i in (0, 1)]
+        if not all(os.path.isfile(p) for p in paths):
+          self._count("skipped_missing_image")
+          continue
+        images = [open(p, "rb").read() for p in paths]
+        out = self._emit(f"{name}/{seed}", *images, prompt.get("edit", ""),
+                         prompt.get("input", prompt.get("caption", "")), prompt.get("output", ""))
+        if out:
+          yield out
+
+  def _from_parquet(self, source: str) -> Iterator:
+    for path, row_id, row in _parquet_rows(source):
+      image = lambda v: v["bytes"] if isinstance(v, dict) else v
+      out = self._emit(f"{os.path.basename(path)}/{row_id}", image(row["original_image"]),
+                       image(row["edited_image"]), row.get("edit_prompt"),
+                       row.get("original_prompt"), row.get("edited_prompt"))
+      if out:
+        yield out
+
+
+class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
+  """(image, caption) pairs for stage-1 text-to-image training."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIG_CLASS = SourceConfig
+  BUILDER_CONFIGS = [SourceConfig(name="default")]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
+        image=tfds.features.Image(shape=(None, None, 3)), caption=tfds.features.Text())))
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if cfg.format == "folder":
+      return {"train": self._from_folder(cfg.source)}
+    if cfg.format == "parquet":
+      return {"train": self._from_parquet(cfg.source)}
+    raise ValueError(f"image_captions format must be 'folder' or 'parquet', got {cfg.format!r}")
+
+  def _emit(self, key, image, text):
+    if not (text or "").strip():
+      self._count("skipped_empty_prompt")
+      return None
+    try:
+      image = _checked_image(image)
+    except ValueError:
+      self._count("skipped_corrupt_image")
+      return None
+    self._count("written")
+    return key, dict(image=image, caption=text.strip())
+
+  def _from_folder(self, root: str) -> Iterator:
+    listing = os.path.join(root, "captions.jsonl")
+    if os.path.isfile(listing):
+      with open(listing, encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+      items = [(os.path.join(root, p["file"]), p.get("text", "")) for p in pairs]
+    else:
+      items = []
+      for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        stem, ext = os.path.splitext(path)
+        if ext.lower() in (".jpg", ".jpeg", ".png", ".webp") and os.path.isfile(stem + ".txt"):
+          items.append((path, open(stem + ".txt", encoding="utf-8").read()))
+    for path, text in items:
+      if not os.path.isfile(path):
+        self._count("skipped_missing_image")
+        continue
+      out = self._emit(os.path.relpath(path, root), open(path, "rb").read(), text)
+      if out:
+        yield out
+
+  def _from_parquet(self, source: str) -> Iterator:
+    cfg = self.builder_config
+    for path, row_id, row in _parquet_rows(source):
+      value = row[cfg.image_column]
+      out = self._emit(f"{os.path.basename(path)}/{row_id}",
+                       value["bytes"] if isinstance(value, dict) else value, row[cfg.text_column])
+      if out:
+        yield out
+
+
+def _parquet_rows(source: str) -> Iterator[tuple[str, int, dict]]:
+  import pyarrow.parquet as pq
+  files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)) \
+      if os.path.isdir(source) else [source]
+  if not files:
+    raise FileNotFoundError(f"{source}: no .parquet files")
+  for path in files:
+    table = pq.ParquetFile(path)
+    row_id = 0
+    for batch in table.iter_batches(batch_size=256):
+      for row in batch.to_pylist():
+        yield path, row_id, row
+        row_id += 1
+
+
+BUILDERS = {"shapes_world": ShapesWorld, "instructpix2pix": Instructpix2pix,
+            "image_captions": ImageCaptions}
+
+
+def build(kind: str, out_dir: str, config: tfds.core.BuilderConfig) -> tuple[str, dict]:
+  """Builds dataset ``kind`` into ``out_dir``; returns (dataset folder, report counts)."""
+  if kind not in BUILDERS:
+    raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(BUILDERS)}")
+  builder = BUILDERS[kind](data_dir=out_dir, config=config, file_format="array_record")
+  builder.download_and_prepare()
+  report = dict(getattr(builder, "report", {}))  # empty when the dataset already existed
+  path = builder.data_dir
+  report_file = os.path.join(path, "build_report.json")
+  if report:
+    with atomic_write(report_file, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
+  elif os.path.isfile(report_file):
+    with open(report_file, encoding="utf-8") as f:
+      report = json.load(f)
+  return path, report
+
+
+def find_dataset(path: str) -> str:
+  """The folder holding ``dataset_info.json`` at or below ``path``."""
+  if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    return path
+  found = sorted(os.path.dirname(p) for p in
+                 glob.glob(os.path.join(path, "**", "dataset_info.json"), recursive=True))
+  if not found:
+    raise FileNotFoundError(f"{path}: no TFDS dataset (dataset_info.json) found")
+  if len(found) > 1:
+    raise ValueError(f"{path}: several datasets found, pass one of {found}")
+  return found[0]
+
+
+def open_split(path: str, split: str = "train", skip_decoding: tuple[str, ...] = ()):
+  """A random-access data source (``len``, ``[i]``) for ``split`` of a built dataset;
+  features in ``skip_decoding`` come back as encoded bytes."""
+  builder = tfds.builder_from_directory(find_dataset(path))
+  decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding
+              if name in builder.info.features}
+  return builder.as_data_source(split=split, decoders=decoders or None)
+
+
+def splits(path: str) -> list[str]:
+  return sorted(tfds.builder_from_directory(find_dataset(path)).info.splits.keys())
