@@ -94,8 +94,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "heldout": self._generate_examples("heldout", cfg.num_heldout)}
+    counts = {"train": cfg.num_train, "heldout": cfg.num_heldout}
+    return {split: self._generate_examples(split, n) for split, n in counts.items() if n > 0}
 
   def _generate_examples(self, split: str, count: int):
     cfg = self.builder_config
@@ -132,11 +132,13 @@ class Instructpix2pix(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    gen = {"ip2p-folder": self._from_folder, "hf-parquet": self._from_parquet}.get(cfg.format)
-    if gen is None:
+    if cfg.format not in ("ip2p-folder", "hf-parquet"):
       raise ValueError(f"instructpix2pix format must be 'ip2p-folder' or 'hf-parquet', "
                        f"got {cfg.format!r}")
-    return {"train": gen(cfg.source)}
+    return {"train": self._generate_examples(cfg.format, cfg.source)}
+
+  def _generate_examples(self, fmt: str, source: str):
+    return self._from_folder(source) if fmt == "ip2p-folder" else self._from_parquet(source)
 
   def _emit(self, key, input_image, edited_image, instruction, input_caption, edited_caption):
     if not (instruction or "").strip():
@@ -199,11 +201,12 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    if cfg.format == "folder":
-      return {"train": self._from_folder(cfg.source)}
-    if cfg.format == "parquet":
-      return {"train": self._from_parquet(cfg.source)}
-    raise ValueError(f"image_captions format must be 'folder' or 'parquet', got {cfg.format!r}")
+    if cfg.format not in ("folder", "parquet"):
+      raise ValueError(f"image_captions format must be 'folder' or 'parquet', got {cfg.format!r}")
+    return {"train": self._generate_examples(cfg.format, cfg.source)}
+
+  def _generate_examples(self, fmt: str, source: str):
+    return self._from_folder(source) if fmt == "folder" else self._from_parquet(source)
 
   def _emit(self, key, image, text):
     if not (text or "").strip():

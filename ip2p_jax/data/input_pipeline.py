@@ -72,6 +72,28 @@ class SkipCorrupt(grain.RandomAccessDataSource):
     return f"SkipCorrupt({self._source!r})"
 
 
+class Shard(grain.RandomAccessDataSource):
+  """Records ``index, index + count, index + 2 count, ...`` of ``source``: shards are
+  disjoint and together complete; with ``drop_remainder`` all have ``len // count``
+  records, so that every host runs the same number of steps."""
+
+  def __init__(self, source, index: int, count: int, drop_remainder: bool):
+    if not 0 <= index < count:
+      raise ValueError(f"shard index {index} is not in [0, {count})")
+    self._source, self._index, self._count = source, index, count
+    n = len(source)
+    self._len = n // count if drop_remainder else (n - index + count - 1) // count
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int):
+    return self._source[i * self._count + self._index]
+
+  def __repr__(self) -> str:
+    return f"Shard({self._source!r}, {self._index}/{self._count})"
+
+
 class PairedCropFlip(grain.RandomMapTransform):
   """Resizes the shorter side to U(1, max_resize) x resolution, then one random square
   crop and one random horizontal flip applied to *all* image fields alike."""
@@ -127,12 +149,11 @@ def make_loader(source, config: PipelineConfig, *, kind: str = "triplets", token
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
   fields, text_field = KINDS[kind]
-  shard = grain.ShardOptions(
-      shard_index=jax.process_index() if shard_index is None else shard_index,
-      shard_count=jax.process_count() if shard_count is None else shard_count,
-      drop_remainder=config.drop_remainder)
-  source = SkipCorrupt(source)
-  sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=config.shuffle,
+  source = Shard(SkipCorrupt(source),
+                 jax.process_index() if shard_index is None else shard_index,
+                 jax.process_count() if shard_count is None else shard_count,
+                 config.drop_remainder)
+  sampler = grain.IndexSampler(len(source), shuffle=config.shuffle,
                                num_epochs=config.num_epochs, seed=config.seed)
   operations = [
       PairedCropFlip(fields, config.resolution, config.max_resize, config.flip),
