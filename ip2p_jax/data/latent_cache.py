@@ -1,0 +1,112 @@
+"""A latent cache: VAE latents and text embeddings precomputed into an ArrayRecord file,
+so small-scale training skips the frozen encoders.
+
+Each record (msgpack via ``flax.serialization``, never pickle) holds, for a triplet:
+  ``image_latent``   posterior mode of the input image, unscaled (the IP2P condition);
+  ``edited_mean``, ``edited_logvar``  the edited image's posterior, so each epoch can
+                     draw a fresh ``scaling_factor * sample`` target;
+  ``text``           the text encoder's last hidden state of the instruction (float16).
+Images are centre-cropped and resized to ``resolution`` (no random augmentation).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import grain.python as grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from array_record.python import array_record_data_source, array_record_module
+from flax import serialization
+from PIL import Image, ImageOps
+
+from ip2p_jax import tokenizer as tokenizers
+from ip2p_jax.data.input_pipeline import Shard
+
+
+def _center(image: np.ndarray, resolution: int) -> np.ndarray:
+  return np.asarray(ImageOps.fit(Image.fromarray(image), (resolution, resolution),
+                                 Image.Resampling.BICUBIC))
+
+
+def _batches(source, batch_size: int) -> Iterator[list[dict]]:
+  batch = []
+  for i in range(len(source)):
+    batch.append(source[i])
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
+          progress=None) -> int:
+  """Encodes every triplet of ``source`` with ``parts`` (a ``PipelineParts``: VAE, text
+  encoder, tokenizer) into the ArrayRecord file ``path``; returns the record count."""
+  vae, text_encoder = parts.modules["vae"], parts.modules["text_encoder"]
+
+  @jax.jit
+  def encode(params, inputs, edited, ids):
+    to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0
+    cond = vae.apply({"params": params["vae"]}, to_unit(inputs), method="encode")
+    target = vae.apply({"params": params["vae"]}, to_unit(edited), method="encode")
+    text = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+    return cond.mode(), target.mean, target.logvar, text.astype(jnp.float16)
+
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  count = 0
+  try:
+    for batch in _batches(source, batch_size):
+      inputs = np.stack([_center(r["input_image"], resolution) for r in batch])
+      edited = np.stack([_center(r["edited_image"], resolution) for r in batch])
+      texts = [r["instruction"].decode() if isinstance(r["instruction"], bytes)
+               else str(r["instruction"]) for r in batch]
+      ids = tokenizers.tokenize(parts.tokenizer, texts)
+      outs = jax.device_get(encode(parts.params, inputs, edited, ids))
+      for j in range(len(batch)):
+        record = {"image_latent": outs[0][j], "edited_mean": outs[1][j],
+                  "edited_logvar": outs[2][j], "text": outs[3][j]}
+        writer.write(serialization.msgpack_serialize(record))
+        count += 1
+      if progress:
+        progress(len(batch))
+  finally:
+    writer.close()
+  return count
+
+
+class LatentCacheSource(grain.RandomAccessDataSource):
+  """Random access to a latent cache file: ``source[i]`` -> dict of numpy arrays."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._records = array_record_data_source.ArrayRecordDataSource([path])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    return serialization.msgpack_restore(self._records[index])
+
+  def __repr__(self) -> str:
+    return f"LatentCacheSource({self.path!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentLoaderConfig:
+  batch_size: int = 32
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+
+
+def make_loader(source: LatentCacheSource, config: LatentLoaderConfig, *, shard_index: int,
+                shard_count: int) -> grain.DataLoader:
+  """Shuffled, sharded batches of cached latents (resumable like the image pipeline)."""
+  shard = Shard(source, shard_index, shard_count, drop_remainder=True)
+  sampler = grain.IndexSampler(len(shard), shuffle=config.shuffle, num_epochs=config.num_epochs,
+                               seed=config.seed)
+  return grain.DataLoader(data_source=shard, sampler=sampler,
+                          operations=[grain.Batch(config.batch_size, drop_remainder=True)])
