@@ -30,6 +30,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch is the PyTorch reference our numbers are checked against (tests only).

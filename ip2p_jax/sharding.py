@@ -61,3 +61,60 @@ DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
 def partitioned(init_fn, axes: tuple[str | None, ...]):
   """Wraps a parameter initialiser so the parameter carries logical axis names."""
   return nn.with_logical_partitioning(init_fn, axes)
+
+
+def make_mesh(shape, devices=None):
+  """A ``jax.sharding.Mesh`` over ``MESH_AXES`` from ``{"data": -1, "fsdp": 4, ...}``;
+  one axis may be -1 to take the remaining devices."""
+  import numpy as np
+  from jax.sharding import Mesh
+
+  import jax
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if fill:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices are not divisible by {known}")
+    sizes[fill[0]] = len(devices) // known
+  if int(np.prod(list(sizes.values()))) != len(devices):
+    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
+                     f"have {len(devices)}")
+  return Mesh(np.array(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def shardings(boxed_abstract, mesh, rules):
+  """NamedShardings for a pytree whose parameters carry logical axis names (as made by
+  ``jax.eval_shape`` of an init); a dimension that does not divide its mesh axes is
+  replicated instead."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  specs = nn.get_partition_spec(boxed_abstract)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = nn.unbox(boxed_abstract)
+
+  def fit(spec, leaf):
+    if not isinstance(spec, PartitionSpec):
+      return NamedSharding(mesh, PartitionSpec())
+    dims = []
+    for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      n = 1
+      for name in names:
+        n *= mesh.shape[name]
+      dims.append(axes if n > 1 and size % n == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*dims))
+  return jax.tree.map(fit, mesh_specs, shapes,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def constrain(x, axes):
+  """Constrains an activation's sharding by logical names (a no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, axes)

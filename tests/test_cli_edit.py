@@ -85,7 +85,7 @@ def test_killed_run_leaves_no_partial_output_and_resumes(model, env, tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and not (out.exists() and any(
-      f.endswith(".png") for f in os.listdir(out))):
+      f.endswith(".png") and not f.startswith(".") for f in os.listdir(out))):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()

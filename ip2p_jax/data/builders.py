@@ -311,3 +311,7 @@ def open_split(path: str, split: str = "train", skip_decoding: tuple[str, ...] =
 
 def splits(path: str) -> list[str]:
   return sorted(tfds.builder_from_directory(find_dataset(path)).info.splits.keys())
+
+
+def features(path: str) -> list[str]:
+  return sorted(tfds.builder_from_directory(find_dataset(path)).info.features.keys())

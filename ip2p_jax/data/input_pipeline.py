@@ -142,13 +142,16 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_loader(source, config: PipelineConfig, *, kind: str = "triplets", tokenizer=None,
+def make_loader(source, config: PipelineConfig, *, kind="triplets", tokenizer=None,
                 shard_index: int | None = None, shard_count: int | None = None) -> grain.DataLoader:
   """A ``grain.DataLoader`` over ``source`` (see module docstring). The shard defaults
   to this JAX process's (``jax.process_index()`` of ``jax.process_count()``)."""
-  if kind not in KINDS:
-    raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-  fields, text_field = KINDS[kind]
+  if isinstance(kind, tuple):  # (image fields, text field)
+    fields, text_field = kind
+  elif kind in KINDS:
+    fields, text_field = KINDS[kind]
+  else:
+    raise ValueError(f"kind must be one of {sorted(KINDS)} or (fields, text field), got {kind!r}")
   source = Shard(SkipCorrupt(source),
                  jax.process_index() if shard_index is None else shard_index,
                  jax.process_count() if shard_count is None else shard_count,

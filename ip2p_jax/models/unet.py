@@ -301,16 +301,20 @@ class UNet2DConditionModel(nn.Module):
                                              freq_shift=cfg.freq_shift)
     emb = TimestepEmbedding(4 * channels[0], name="time_embedding", **kw)(t_features.astype(self.dtype))
 
-    x = layers.conv(channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(sample.astype(self.dtype))
+    # Activations are constrained (batch over the data axes) only at block boundaries.
+    boundary = lambda h: ax.constrain(h, (ax.BATCH, None, None, None))
+    x = boundary(layers.conv(channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(
+        sample.astype(self.dtype)))
     skips = [x]
     for i, kind in enumerate(cfg.down_block_types):
       x, states = DownBlock(
           channels[i], num_layers[i], heads[i] if kind.startswith("CrossAttn") else None,
           depths[i], i < len(channels) - 1, only_cross_attention=only_cross[i],
           name=f"down_blocks_{i}", **blocks)(x, emb, context)
+      x = boundary(x)
       skips.extend(states)
 
-    x = MidBlock(heads[-1], depths[-1], name="mid_block", **blocks)(x, emb, context)
+    x = boundary(MidBlock(heads[-1], depths[-1], name="mid_block", **blocks)(x, emb, context))
 
     rev = lambda seq: tuple(reversed(seq))
     for i, kind in enumerate(cfg.up_block_types):
@@ -322,6 +326,7 @@ class UNet2DConditionModel(nn.Module):
           rev(depths)[i], not is_last, only_cross_attention=rev(only_cross)[i],
           name=f"up_blocks_{i}", **blocks)(
               x, block_skips, emb, context, None if is_last else skips[-1].shape[1:3])
+      x = boundary(x)
 
     x = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
     return layers.conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)

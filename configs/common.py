@@ -1,0 +1,81 @@
+"""The keys every training config has, with their defaults (see ``scripts/train.py``).
+
+Overrides on the command line are strict: ``--config.not_a_key=1`` is an error.
+"""
+import ml_collections
+
+from configs import models
+
+# Logical axis -> mesh axis (see ip2p_jax/sharding.py for the glossary of names).
+FSDP_RULES = [
+    ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
+    ["kv", None], ["conv_in", None], ["conv_out", "fsdp"], ["conv_spatial", None],
+    ["norm", None], ["vocab", "tensor"], ["position", None], ["length", None],
+]
+
+IP2P_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler",
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "timestep_spacing": "leading", "steps_offset": 1}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "instruct_pix2pix"  # or "text_to_image", "vae", "clip"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.unet = models.TINY_IP2P_UNET
+  c.model.vae = models.TINY_VAE
+  c.model.text_encoder = models.TINY_CLIP_TEXT
+  c.model.clip = {"architectures": ["CLIPModel"], "model_type": "clip",
+                  "text_config": models.TINY_CLIP_TEXT, "vision_config": models.TINY_CLIP_VISION,
+                  "projection_dim": 32}
+  c.model.init_from = ""           # pipeline folder (stage-1 export, SD 1.5, ...)
+  c.model.vae_from = ""            # component folders for the frozen encoders
+  c.model.text_encoder_from = ""
+  c.model.tokenizer_from = ""
+  c.model.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
+  c.model.remat = False
+  c.scheduler = IP2P_SCHEDULER
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""                 # a built dataset; empty: build the shapes world below
+  c.data.split = "train"
+  c.data.sample_split = "heldout"
+  c.data.resolution = 32
+  c.data.worker_count = 0
+  c.data.max_resize = 1.0
+  c.data.flip = True
+  c.data.shapes = ml_collections.ConfigDict(
+      dict(size=32, num_train=64, num_heldout=8, seed=0))
+
+  c.batch_size = 4                 # global, per optimizer step
+  c.grad_accum_steps = 1
+  c.learning_rate = 1e-4
+  c.lr_schedule = "constant"
+  c.warmup_steps = 0
+  c.weight_decay = 1e-2
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 1.0
+  c.ema_decay = 0.9999
+  c.conditioning_dropout = 0.05    # IP2P: 5% text only, 5% both, 5% image only
+  c.caption_dropout = 0.1          # stage 1
+  c.kl_weight = 1e-6               # VAE
+
+  c.total_steps = 4
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 3
+  c.log_every = 1
+  c.sample_every = 0               # 0: only at the end
+  c.num_samples = 4
+  c.sample_steps = 10
+  c.export = True
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = FSDP_RULES
+  c.device_peak_tflops = 0.0       # 0: look the device up (MFU is omitted if unknown)
+  c.distributed = False            # jax.distributed.initialize() from the environment
+  return c

@@ -1,0 +1,64 @@
+"""The train state, its optimizer and the EMA of the weights.
+
+Only the trained model's parameters are in the state; frozen encoders (the VAE and
+text encoder in stage 2) are passed to the step separately and never differentiated.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so orbax saves it like any array
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to ``learning_rate`` then constant (the paper) or cosine decay."""
+  warmup = optax.linear_schedule(0.0, config.learning_rate, max(1, config.warmup_steps))
+  if config.lr_schedule == "constant":
+    after = optax.constant_schedule(config.learning_rate)
+  elif config.lr_schedule == "cosine":
+    after = optax.cosine_decay_schedule(config.learning_rate,
+                                        max(1, config.total_steps - config.warmup_steps))
+  else:
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if config.warmup_steps <= 0:
+    return after
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (diffusers' IP2P recipe: lr 1e-4, betas (0.9, 0.999),
+  weight decay 1e-2, clip 1.0)."""
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+                  eps=config.adam_eps, weight_decay=config.weight_decay),
+  )
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+  """The original's EMA warmup: ``min(decay, (1 + n) / (10 + n))``."""
+  n = step.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
+                      ema, params)
+
+
+def create(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
