@@ -9,7 +9,8 @@ from configs import models
 # Logical axis -> mesh axis (see ip2p_jax/sharding.py for the glossary of names).
 FSDP_RULES = [
     ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
-    ["kv", None], ["conv_in", None], ["conv_out", "fsdp"], ["conv_spatial", None],
+    ["kv", None], ["conv_in", None], ["conv_out", "fsdp"], ["kernel_height", None],
+    ["kernel_width", None],
     ["norm", None], ["vocab", "tensor"], ["position", None], ["length", None],
 ]
 

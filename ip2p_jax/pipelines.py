@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ip2p_jax import images as imagelib
+from ip2p_jax import sharding
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.checkpoints import PipelineParts, load_pipeline, save_pipeline
 from ip2p_jax.diffusion import guidance, samplers, schedules
@@ -128,6 +130,12 @@ class _Pipeline:
       self._device_params = jax.device_put(self.params, NamedSharding(self._mesh, P()))
     return placed, size
 
+  def _run(self, fn, *args):
+    """Runs a compiled function under the pipeline's own mesh and axis rules (also when
+    called from inside a training run's mesh)."""
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(sharding.INFERENCE_RULES):
+      return fn(*args)
+
   def _tokens(self, prompts: Sequence[str]):
     unique = list(dict.fromkeys(prompts))
     index = np.array([unique.index(p) for p in prompts], np.int32)
@@ -181,7 +189,7 @@ class InstructPix2PixPipeline(_Pipeline):
              text_scale=text_scale, image_scale=image_scale),
         dict(ids=ids, empty=empty, seed=np.uint32(seed)))
     fn = self._edit_fn(name, config, levels, guided, latents is not None, float(eta))
-    result = fn(self._device_params, placed["ids"], placed["empty"], placed["index"],
+    result = self._run(fn, self._device_params, placed["ids"], placed["empty"], placed["index"],
                 placed["pixels"], placed["seed"], placed["image_ids"], placed["latents"],
                 placed["text_scale"], placed["image_scale"])
     return self._finish(result, size, output_type)
@@ -264,7 +272,7 @@ class TextToImagePipeline(_Pipeline):
         dict(ids=ids, seed=np.uint32(seed)))
     fn = self._generate_fn(name, config, levels, guided, latents is not None, float(eta),
                            (height // f, width // f))
-    result = fn(self._device_params, placed["ids"], placed["index"], placed["negative_index"],
+    result = self._run(fn, self._device_params, placed["ids"], placed["index"], placed["negative_index"],
                 placed["seed"], placed["image_ids"], placed["latents"], placed["scale"])
     return self._finish(result, size, output_type)
 

@@ -12,7 +12,7 @@ Glossary of logical names:
   KV           key/value inputs coming from another stream (cross-attention context).
   CONV_IN      input channels of a convolution kernel.
   CONV_OUT     output channels of a convolution kernel (and its bias).
-  CONV_SPATIAL the kernel's height and width.
+  KERNEL_H, KERNEL_W  a convolution kernel's height and width.
   NORM         scale/offset of a normalisation layer.
   VOCAB        rows of a token-embedding table.
   POSITION     rows of a position-embedding table.
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 
 EMBED = "embed"
 MLP = "mlp"
@@ -32,7 +33,8 @@ HEADS = "heads"
 KV = "kv"
 CONV_IN = "conv_in"
 CONV_OUT = "conv_out"
-CONV_SPATIAL = "conv_spatial"
+KERNEL_H = "kernel_height"
+KERNEL_W = "kernel_width"
 NORM = "norm"
 VOCAB = "vocab"
 POSITION = "position"
@@ -42,6 +44,9 @@ LENGTH = "length"
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Editing/generation: the image batch over a one-axis "data" mesh, weights replicated.
+INFERENCE_RULES: tuple[tuple[str, str | None], ...] = ((BATCH, "data"),)
+
 DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     (BATCH, ("data", "fsdp")),
     (EMBED, "fsdp"),
@@ -50,7 +55,8 @@ DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     (KV, None),
     (CONV_IN, None),
     (CONV_OUT, "fsdp"),
-    (CONV_SPATIAL, None),
+    (KERNEL_H, None),
+    (KERNEL_W, None),
     (NORM, None),
     (VOCAB, "tensor"),
     (POSITION, None),
@@ -69,7 +75,6 @@ def make_mesh(shape, devices=None):
   import numpy as np
   from jax.sharding import Mesh
 
-  import jax
   devices = list(jax.devices() if devices is None else devices)
   sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
   unknown = set(shape) - set(MESH_AXES)
@@ -93,12 +98,11 @@ def shardings(boxed_abstract, mesh, rules):
   """NamedShardings for a pytree whose parameters carry logical axis names (as made by
   ``jax.eval_shape`` of an init); a dimension that does not divide its mesh axes is
   replicated instead."""
-  import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
   specs = nn.get_partition_spec(boxed_abstract)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = nn.unbox(boxed_abstract)
+  shapes = strip_boxes(boxed_abstract)
 
   def fit(spec, leaf):
     if not isinstance(spec, PartitionSpec):
@@ -118,3 +122,10 @@ def shardings(boxed_abstract, mesh, rules):
 def constrain(x, axes):
   """Constrains an activation's sharding by logical names (a no-op outside a mesh)."""
   return nn.with_logical_constraint(x, axes)
+
+
+def strip_boxes(tree):
+  """The values inside logical-partitioning boxes, without applying any sharding
+  constraint (``nn.unbox`` would constrain under an active mesh)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)

@@ -46,7 +46,7 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1,
       features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=ax.partitioned(nn.initializers.lecun_normal(),
-                                 (ax.CONV_SPATIAL, ax.CONV_SPATIAL, ax.CONV_IN, ax.CONV_OUT)),
+                                 (ax.KERNEL_H, ax.KERNEL_W, ax.CONV_IN, ax.CONV_OUT)),
       bias_init=ax.partitioned(nn.initializers.zeros_init(), (ax.CONV_OUT,)),
       name=name)
 

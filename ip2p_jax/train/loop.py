@@ -131,15 +131,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     frozen = jax.device_put(job.frozen_params, frozen_shardings)
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nn.unbox(abstract), state_shardings)
+        sharding.strip_boxes(abstract), state_shardings)
 
     def fresh_state():
       if job.loaded_params is not None:
         params = jax.device_put(job.loaded_params, state_shardings.params)
         return jax.jit(lambda p: state_lib.create(p, optimizer, config.seed),
                        out_shardings=state_shardings)(params)
-      return jax.jit(lambda k: nn.unbox(state_lib.create(job.init_params(k), optimizer,
-                                                         config.seed)),
+      return jax.jit(lambda k: sharding.strip_boxes(state_lib.create(
+          job.init_params(k), optimizer, config.seed)),
                      out_shardings=state_shardings)(jax.random.key(config.seed))
 
     manager = ocp.CheckpointManager(

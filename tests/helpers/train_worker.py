@@ -15,6 +15,7 @@ p.add_argument("out")
 p.add_argument("--devices", type=int, default=1)
 p.add_argument("--mesh", default="")
 p.add_argument("--steps", type=int, default=3)
+p.add_argument("--batch", type=int, default=4)
 p.add_argument("--coordinator")
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--num-processes", type=int, default=1)
@@ -40,6 +41,7 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config()
 config.total_steps = args.steps
+config.batch_size = args.batch
 config.checkpoint_every = 1000
 config.export = False
 for item in filter(None, args.mesh.split(",")):
