@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
   p.add_argument("--seed", type=int, default=0, help="image k uses noise (seed, k)")
   p.add_argument("--sampler", choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
                  help="default: the model folder's scheduler (Euler ancestral for IP2P)")
-  p.add_argument("--resolution", type=int, default=512, help="longest side in pixels (512)")
+  p.add_argument("--resolution", type=int, default=None,
+                 help="longest side in pixels (default: the model's native size, 512 for SD)")
   p.add_argument("--resize", choices=["fit", "crop", "resize"], default="fit",
                  help="fit: pad, nothing cut (default); crop: the original's centre crop; "
                       "resize: stretch slightly")
@@ -64,7 +65,7 @@ def run(args) -> int:
   from ip2p_jax import images as imagelib
   from ip2p_jax.checkpoints import CheckpointError
 
-  if args.steps < 1 or args.batch_size < 1 or args.resolution < 8:
+  if args.steps < 1 or args.batch_size < 1 or (args.resolution is not None and args.resolution < 8):
     return fail("--steps and --batch-size must be >= 1 and --resolution >= 8")
   if args.coordinator:
     jax.distributed.initialize(coordinator_address=args.coordinator,
@@ -79,10 +80,11 @@ def run(args) -> int:
     pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype)
   except (CommandError, CheckpointError, ValueError) as e:
     return fail(str(e))
+  native = (pipe.unet.config.sample_size or 64) * pipe.vae_scale_factor
   settings = editing.EditSettings(
       prompt=args.prompt, steps=args.steps, text_scale=args.text_scale,
       image_scale=args.image_scale, seed=args.seed, sampler=args.sampler,
-      resolution=args.resolution, resize=args.resize, batch_size=args.batch_size,
+      resolution=args.resolution or native, resize=args.resize, batch_size=args.batch_size,
       overwrite=args.overwrite, max_pixels=args.max_pixels)
   progress = lambda total: tqdm(total=total, unit="img", desc="editing", dynamic_ncols=True,
                                 disable=None)

@@ -43,8 +43,25 @@ _IGNORED = frozenset({
 _UNSUPPORTED = {"interpolate_pos_encoding": False}
 
 
+class _TowerConfig:
+  """from_dict/to_dict shared by the two towers' configs (transformers' layout)."""
+
+  @classmethod
+  def from_dict(cls, raw: Mapping[str, Any], with_projection: bool = False):
+    config = parse_config(cls, raw, component=cls.NAME, unsupported=_UNSUPPORTED,
+                          ignored=_IGNORED)
+    layers.activation(config.hidden_act)
+    return dataclasses.replace(config, with_projection=with_projection)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = to_dict(self)
+    d.pop("with_projection")
+    arch = self.NAME + ("WithProjection" if self.with_projection else "")
+    return {"architectures": [arch], "model_type": self.MODEL_TYPE, **d}
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
   vocab_size: int = 49408
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -57,22 +74,11 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
   with_projection: bool = False  # CLIPTextModelWithProjection
 
-  @classmethod
-  def from_dict(cls, raw: Mapping[str, Any], with_projection: bool = False) -> "CLIPTextConfig":
-    config = parse_config(cls, raw, component="CLIPTextModel", unsupported=_UNSUPPORTED,
-                          ignored=_IGNORED)
-    layers.activation(config.hidden_act)
-    return dataclasses.replace(config, with_projection=with_projection)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = to_dict(self)
-    d.pop("with_projection")
-    arch = "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
-    return {"architectures": [arch], "model_type": "clip_text_model", **d}
+  NAME, MODEL_TYPE = "CLIPTextModel", "clip_text_model"
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
   hidden_size: int = 1024
   intermediate_size: int = 4096
   projection_dim: int = 768
@@ -85,18 +91,7 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
   with_projection: bool = False  # CLIPVisionModelWithProjection
 
-  @classmethod
-  def from_dict(cls, raw: Mapping[str, Any], with_projection: bool = False) -> "CLIPVisionConfig":
-    config = parse_config(cls, raw, component="CLIPVisionModel", unsupported=_UNSUPPORTED,
-                          ignored=_IGNORED)
-    layers.activation(config.hidden_act)
-    return dataclasses.replace(config, with_projection=with_projection)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = to_dict(self)
-    d.pop("with_projection")
-    arch = "CLIPVisionModelWithProjection" if self.with_projection else "CLIPVisionModel"
-    return {"architectures": [arch], "model_type": "clip_vision_model", **d}
+  NAME, MODEL_TYPE = "CLIPVisionModel", "clip_vision_model"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,18 +134,21 @@ class Encoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
     for i, c in enumerate(cfg.block_out_channels):
-      x = _EncoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups,
-                        i < len(cfg.block_out_channels) - 1, name=f"down_blocks_{i}", **kw)(x)
+      last = i == len(cfg.block_out_channels) - 1
+      x = _ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups, None if last else "down",
+                       name=f"down_blocks_{i}", **kw)(x)
     x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
     x = nn.silu(layers.group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
     return layers.conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
 
 
-class _EncoderBlock(nn.Module):
+class _ResnetStack(nn.Module):
+  """``num_layers`` resnets, then an optional resampler: diffusers' DownEncoderBlock2D
+  (``resample="down"``, bottom/right padding) and UpDecoderBlock2D (``"up"``)."""
   out_channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: str | None  # "down", "up" or None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -154,25 +157,9 @@ class _EncoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_layers):
       x = layers.ResnetBlock2D(self.out_channels, self.groups, 1e-6, name=f"resnets_{i}", **kw)(x)
-    if self.add_downsample:
+    if self.resample == "down":
       x = layers.Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)(x)
-    return x
-
-
-class _DecoderBlock(nn.Module):
-  out_channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    for i in range(self.num_layers):
-      x = layers.ResnetBlock2D(self.out_channels, self.groups, 1e-6, name=f"resnets_{i}", **kw)(x)
-    if self.add_upsample:
+    elif self.resample == "up":
       x = layers.Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
     return x
 
@@ -190,8 +177,9 @@ class Decoder(nn.Module):
     x = layers.conv(channels[0], 3, name="conv_in", **kw)(z)
     x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
     for i, c in enumerate(channels):
-      x = _DecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(channels) - 1,
-                        name=f"up_blocks_{i}", **kw)(x)
+      last = i == len(channels) - 1
+      x = _ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, None if last else "up",
+                       name=f"up_blocks_{i}", **kw)(x)
     x = nn.silu(layers.group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
     return layers.conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
 

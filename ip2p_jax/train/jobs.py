@@ -25,6 +25,7 @@ from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.checkpoints import (PipelineParts, load_component, load_pipeline,
                                   module_from_config, save_component, save_pipeline)
 from ip2p_jax.diffusion import schedules
+from ip2p_jax.models import CLIPTextModel
 from ip2p_jax.train import objectives
 
 STAGES = ("instruct_pix2pix", "text_to_image", "vae", "clip")
@@ -145,6 +146,10 @@ def export(job: Job, params, folder: str) -> str:
     name = "vae" if job.stage == "vae" else "clip"
     save_component(os.path.join(folder, name), job.module, params)
     job.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    if job.stage == "clip":  # the text tower alone, to condition a UNet
+      text = CLIPTextModel(job.module.config.text_config)
+      save_component(os.path.join(folder, "text_encoder"), text,
+                     {"text_model": params["text_model"]})
   return folder
 
 
