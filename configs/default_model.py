@@ -30,7 +30,7 @@ UNET = {**models.TINY_UNET, "block_out_channels": [64, 128, 128], "layers_per_bl
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
 RUNS = "runs/default"
 
-STEPS = {"vae": 500, "clip": 500, "t2i": 400, "ip2p": 3000}
+STEPS = {"vae": 500, "clip": 500, "t2i": 400, "ip2p": 1200}
 
 
 def get_config(stage="ip2p"):
@@ -50,7 +50,7 @@ def get_config(stage="ip2p"):
   c.total_steps = STEPS[stage]
   c.checkpoint_every = 250
   c.log_every = 50
-  c.sample_every = 1500
+  c.sample_every = 600
   c.num_samples = 6
   c.sample_steps = 20
   c.ema_decay = 0.999

@@ -136,6 +136,16 @@ class _Pipeline:
     with jax.set_mesh(self._mesh), nn.logical_axis_rules(sharding.INFERENCE_RULES):
       return fn(*args)
 
+  @staticmethod
+  def _image_ids(image_ids, n: int) -> np.ndarray:
+    """Each image's noise index: its list position unless the caller gives them."""
+    if image_ids is None:
+      return np.arange(n, dtype=np.int32)
+    ids = np.asarray(image_ids, np.int32)
+    if ids.shape != (n,):
+      raise ValueError(f"image_ids must give one index per image ({n}), got shape {ids.shape}")
+    return ids
+
   def _tokens(self, prompts: Sequence[str]):
     unique = list(dict.fromkeys(prompts))
     index = np.array([unique.index(p) for p in prompts], np.int32)
@@ -181,7 +191,7 @@ class InstructPix2PixPipeline(_Pipeline):
     name, config, levels = self.sampler_and_levels(scheduler, num_inference_steps)
     ids, index = self._tokens(prompts)
     empty = tokenizers.tokenize(self.tokenizer, [""])
-    image_ids = np.arange(b, dtype=np.int32) if image_ids is None else np.asarray(image_ids, np.int32)
+    image_ids = self._image_ids(image_ids, b)
     if latents is not None:
       latents = np.asarray(latents, np.float32)
     placed, size = self._shard(
@@ -263,7 +273,7 @@ class TextToImagePipeline(_Pipeline):
     guided = bool((scale > 1.0).any())
     name, config, levels = self.sampler_and_levels(scheduler, num_inference_steps)
     ids, index = self._tokens(prompts + negatives)
-    image_ids = np.arange(b, dtype=np.int32) if image_ids is None else np.asarray(image_ids, np.int32)
+    image_ids = self._image_ids(image_ids, b)
     if latents is not None:
       latents = np.asarray(latents, np.float32)
     placed, size = self._shard(
