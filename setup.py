@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ip2p_jax", "ip2p_jax.*"]),
-    package_data={"ip2p_jax": ["assets/*/*"]},
+    package_data={"ip2p_jax": ["assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10",

@@ -30,7 +30,7 @@ UNET = {**models.TINY_UNET, "block_out_channels": [64, 128, 128], "layers_per_bl
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
 RUNS = "runs/default"
 
-STEPS = {"vae": 500, "clip": 500, "t2i": 400, "ip2p": 1200}
+STEPS = {"vae": 500, "clip": 500, "t2i": 400, "ip2p": 4000}
 
 
 def get_config(stage="ip2p"):

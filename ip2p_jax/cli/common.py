@@ -12,10 +12,12 @@ class CommandError(Exception):
 
 
 def resolve_model(model: str | None) -> str:
+  """``--model``, else the bundled default model (``$IP2P_DEFAULT_MODEL`` overrides where)."""
   if model:
     return model
-  if os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
-    return DEFAULT_MODEL
+  default = os.environ.get("IP2P_DEFAULT_MODEL", DEFAULT_MODEL)
+  if os.path.isfile(os.path.join(default, "model_index.json")):
+    return default
   raise CommandError(
       "no default model is bundled with this installation yet. Pass --model with a "
       "diffusers-format InstructPix2Pix folder, e.g. a local copy of timbrooks/instruct-pix2pix "
