@@ -2,7 +2,6 @@
 and the grain pipeline's determinism, sharding, paired augmentation and resume."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest

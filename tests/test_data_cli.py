@@ -4,9 +4,7 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from ip2p_jax.data import builders, latent_cache

@@ -1,5 +1,4 @@
 """Image loading (EXIF, modes, limits), the resize modes, and atomic saving."""
-import io
 import os
 
 import numpy as np

@@ -3,7 +3,6 @@ allocated), against closed-form arithmetic and against diffusers/transformers
 instantiated on PyTorch's meta device."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
