@@ -130,6 +130,13 @@ class _Pipeline:
       self._device_params = jax.device_put(self.params, NamedSharding(self._mesh, P()))
     return placed, size
 
+  def _jit_once(self, key, fn):
+    """One jitted function per (job, sampler, schedule, guidance, ...) key; jax.jit then
+    compiles it once per input shape."""
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(fn)
+    return self._compiled[key]
+
   def _run(self, fn, *args):
     """Runs a compiled function under the pipeline's own mesh and axis rules (also when
     called from inside a training run's mesh)."""
@@ -215,11 +222,6 @@ class InstructPix2PixPipeline(_Pipeline):
     return pixels
 
   def _edit_fn(self, name, config, levels, guided, has_latents, eta):
-    cache_key = ("edit", name, config, levels.num_steps, guided, has_latents, eta,
-                 levels.sigmas.tobytes())
-    if cache_key in self._compiled:
-      return self._compiled[cache_key]
-
     def edit(params, ids, empty_ids, index, pixels, seed, image_ids, latents, text_scale,
              image_scale):
       encoded = self._encode_text(params, jnp.concatenate([ids, empty_ids]))
@@ -243,9 +245,8 @@ class InstructPix2PixPipeline(_Pipeline):
                        step_keys, eta)
       return self._decode(params, x * levels.final_scale)
 
-    fn = jax.jit(edit)
-    self._compiled[cache_key] = fn
-    return fn
+    return self._jit_once(("edit", name, config, levels.num_steps, guided, has_latents, eta,
+                           levels.sigmas.tobytes()), edit)
 
 
 class TextToImagePipeline(_Pipeline):
@@ -287,11 +288,6 @@ class TextToImagePipeline(_Pipeline):
     return self._finish(result, size, output_type)
 
   def _generate_fn(self, name, config, levels, guided, has_latents, eta, latent_size):
-    cache_key = ("t2i", name, config, levels.num_steps, guided, has_latents, eta, latent_size,
-                 levels.sigmas.tobytes())
-    if cache_key in self._compiled:
-      return self._compiled[cache_key]
-
     def generate(params, ids, index, negative_index, seed, image_ids, latents, scale):
       encoded = self._encode_text(params, ids)
       text, negative = encoded[index], encoded[negative_index]
@@ -308,6 +304,5 @@ class TextToImagePipeline(_Pipeline):
                        step_keys, eta)
       return self._decode(params, x * levels.final_scale)
 
-    fn = jax.jit(generate)
-    self._compiled[cache_key] = fn
-    return fn
+    return self._jit_once(("t2i", name, config, levels.num_steps, guided, has_latents, eta,
+                           latent_size, levels.sigmas.tobytes()), generate)

@@ -94,3 +94,10 @@ def test_two_processes_edit_disjoint_slices_like_one(model, tmp_path):
   edited = [sorted(os.path.basename(e["input"]) for e in json.load(open(
       tmp_path / "multi" / f"manifest.process-{i}.json"))["edited"]) for i in range(2)]
   assert edited == [["img0.png", "img2.png", "img4.png"], ["img1.png", "img3.png"]]
+
+
+def test_save_pretrained_round_trips(pipe, reference, tmp_path):
+  pipe.save_pretrained(str(tmp_path / "saved"))
+  again = InstructPix2PixPipeline.from_pretrained(str(tmp_path / "saved"))
+  out = again(PROMPTS, batch_images(), num_inference_steps=4, seed=3, output_type="np").images
+  np.testing.assert_allclose(out, reference, atol=FLOAT_TOL)

@@ -151,6 +151,8 @@ def test_resume_is_exact(shapes_dataset, tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
+  saved = json.load(open(tmp_path / "b" / "checkpoints" / "6" / "config" / "metadata"))
+  assert saved["total_steps"] == 6 and saved["stage"] == "instruct_pix2pix"
   la, lb = _read(tmp_path / "a" / "metrics.jsonl"), _read(tmp_path / "b" / "metrics.jsonl")
   assert [l["step"] for l in lb] == [1, 2, 3, 4, 5, 6]
   assert [l["loss"] for l in la[4:]] == [l["loss"] for l in lb[4:]]

@@ -167,8 +167,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def save(step: int):
       manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iter)),
-          force=True)
+          state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iter),
+          config=ocp.args.JsonSave(config.to_dict())), force=True)
 
     compiled, flops, peak = None, None, _peak_tflops(config)
     metrics, last_time, last_step = {}, time.time(), start
