@@ -48,3 +48,12 @@ def perturb_params(params, seed: int = 0, scale: float = 0.05):
 @pytest.fixture(scope="session")
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+  """A tiny InstructPix2Pix pipeline folder saved by diffusers, shared by the editing tests."""
+  from pipeline_fixtures import save_ip2p
+  folder = tmp_path_factory.mktemp("ip2p_model")
+  save_ip2p(folder)
+  return str(folder)

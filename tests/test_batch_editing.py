@@ -10,18 +10,10 @@ from PIL import Image
 
 from batch_inputs import batch_images
 from ip2p_jax import InstructPix2PixPipeline
-from pipeline_fixtures import save_ip2p
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["make it red", "add snow", "make it red"]
 FLOAT_TOL = 1e-5  # same math; only the batch size changes XLA's accumulation order
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("model")
-  save_ip2p(folder)
-  return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_fixtures import save_ip2p
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("model")
-  save_ip2p(folder)
-  return str(folder)
 
 
 @pytest.fixture(scope="module")
