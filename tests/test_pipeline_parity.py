@@ -2,8 +2,9 @@
 
 Same weights (saved by diffusers), same initial latents, 10 steps, a non-square
 image size and a batch of 2 with different prompts: max abs difference of the
-output images in [0, 1] <= 2e-3, for DDIM (eta 0), Euler and DPM-Solver++(2M),
-and for Euler ancestral with its fresh noise set to zero on both sides.
+output images in [0, 1] <= 2e-3, for every timestep spacing ("leading",
+"linspace", "trailing") x every sampler: DDIM (eta 0), Euler, DPM-Solver++(2M),
+and Euler ancestral with its fresh noise set to zero on both sides.
 """
 import diffusers
 import numpy as np
@@ -16,6 +17,8 @@ from ip2p_jax import InstructPix2PixPipeline, TextToImagePipeline
 from pipeline_fixtures import save_ip2p, save_sd
 
 TOL = 2e-3
+SPACINGS = ["leading", "linspace", "trailing"]
+SAMPLERS = ["ddim", "euler", "dpmpp_2m", "euler_ancestral"]
 PROMPTS = ["turn the sky red", "add a small boat"]
 STEPS = 10
 DIFFUSERS_SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
@@ -52,21 +55,31 @@ def _zero_ancestral_noise(monkeypatch):
   monkeypatch.setattr(s, "step_noise", lambda keys, step, like: np.zeros(like.shape, like.dtype))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "euler_ancestral"])
-def test_instruct_pix2pix_matches_diffusers(ip2p, inputs, sampler, monkeypatch):
+def _use_spacing(ref, ours, sampler: str, spacing: str) -> None:
+  """Both pipelines on ``sampler`` with ``timestep_spacing = spacing``."""
+  config = {**ref.scheduler.config, "timestep_spacing": spacing}
+  ref.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(config)
+  ours.scheduler_config = {**ours.scheduler_config, "timestep_spacing": spacing}
+  ours._compiled.clear()
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_instruct_pix2pix_matches_diffusers(ip2p, inputs, sampler, spacing, monkeypatch):
   ref, ours = ip2p
   images, latents = inputs
   if sampler == "euler_ancestral":
     _zero_ancestral_noise(monkeypatch)
-  ref.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(ref.scheduler.config)
+  _use_spacing(ref, ours, sampler, spacing)
   want = ref(PROMPTS, image=images, num_inference_steps=STEPS, guidance_scale=7.5,
              image_guidance_scale=1.5, latents=torch.from_numpy(nchw(latents)),
              output_type="np").images
-  ours._compiled.clear()
   got = ours(PROMPTS, images, num_inference_steps=STEPS, guidance_scale=7.5,
              image_guidance_scale=1.5, latents=latents, scheduler=sampler, output_type="np").images
   assert got.shape == want.shape == (2, 24, 40, 3)
-  assert np.abs(got - want).max() <= TOL
+  err = np.abs(got - want).max()
+  print(f"ip2p {sampler} {spacing}: max abs {err:.2e}")
+  assert err <= TOL
   assert np.abs(got[0] - got[1]).max() > 10 * TOL  # the two edits really differ
 
 
@@ -85,14 +98,19 @@ def test_guidance_off_matches_diffusers(ip2p, inputs, scales):
   assert np.abs(got - want).max() <= TOL
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
-def test_text_to_image_matches_diffusers(sd, sampler):
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_text_to_image_matches_diffusers(sd, sampler, spacing, monkeypatch):
   ref, ours = sd
+  if sampler == "euler_ancestral":
+    _zero_ancestral_noise(monkeypatch)
   latents = np.random.default_rng(1).standard_normal((2, 8, 12, 4)).astype(np.float32)
-  ref.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(ref.scheduler.config)
+  _use_spacing(ref, ours, sampler, spacing)
   want = ref(PROMPTS, height=16, width=24, num_inference_steps=STEPS, guidance_scale=7.5,
              latents=torch.from_numpy(nchw(latents)), output_type="np").images
   got = ours(PROMPTS, height=16, width=24, num_inference_steps=STEPS, guidance_scale=7.5,
              latents=latents, scheduler=sampler, output_type="np").images
   assert got.shape == want.shape == (2, 16, 24, 3)
-  assert np.abs(got - want).max() <= TOL
+  err = np.abs(got - want).max()
+  print(f"t2i {sampler} {spacing}: max abs {err:.2e}")
+  assert err <= TOL

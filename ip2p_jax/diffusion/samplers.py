@@ -87,8 +87,10 @@ def ddim(denoiser: Denoiser, x: jax.Array, levels: NoiseLevels, keys: jax.Array 
     x = denoised + jnp.sqrt(jnp.maximum(sigma_next ** 2 - sigma_up ** 2, 0.0)) * eps
     if keys is not None and eta > 0:
       x = x + sigma_up * step_noise(keys, i, x)
-    # The VP latent at sigma_next is reused as the latent at the next step's level.
-    return x * jnp.sqrt((1 + sigma_next ** 2) / (1 + sigma_following ** 2)), None
+    # diffusers keeps the VP latent x / sqrt(1 + s'^2) and treats it as the latent at the
+    # next step's level s'' (they differ for "linspace"/"trailing"): the VE state there
+    # is that VP latent times sqrt(1 + s''^2).
+    return x * jnp.sqrt((1 + sigma_following ** 2) / (1 + sigma_next ** 2)), None
   return jax.lax.scan(step, x, _levels(levels))[0]
 
 
