@@ -30,6 +30,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "matplotlib",  # ip2p eval --sweep plot
         "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={

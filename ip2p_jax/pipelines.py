@@ -63,6 +63,12 @@ class _Pipeline:
     """A diffusers-format folder, or a hub id already in the local Hugging Face cache."""
     return cls(load_pipeline(path, dtype=dtype, param_dtype=param_dtype, **unet_kwargs))
 
+  def set_params(self, params) -> None:
+    """Swaps in new parameters of the same shapes (a training run's EMA, for its held-out
+    evaluation); the compiled functions are kept."""
+    self.params = params
+    self._device_params = None
+
   def save_pretrained(self, path: str) -> None:
     save_pipeline(path, dataclasses.replace(self.parts, params=self.params,
                                             scheduler_config=self.scheduler_config))
