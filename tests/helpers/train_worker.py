@@ -3,8 +3,15 @@ fixed before jax starts) and saves the final params.
 
   python train_worker.py CONFIG WORKDIR OUT.npz [--devices N] [--mesh data=2,fsdp=4]
       [--steps 3] [--coordinator HOST:PORT --process-id I --num-processes N]
+      [--as-processes N]
+
+``--as-processes N``: one process that reads the data as N processes would (each
+global batch is shard 0's per-process batch, then shard 1's, ..., the row order of
+``jax.make_array_from_process_local_data``): the reference an N-process run must equal.
 """
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -19,6 +26,7 @@ p.add_argument("--batch", type=int, default=4)
 p.add_argument("--coordinator")
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--num-processes", type=int, default=1)
+p.add_argument("--as-processes", type=int, default=1)
 args = p.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +42,52 @@ if args.coordinator:
   jax.distributed.initialize(coordinator_address=args.coordinator,
                              num_processes=args.num_processes, process_id=args.process_id)
 
+from ip2p_jax.data import input_pipeline as ip  # noqa: E402
 from ip2p_jax.train.loop import train_and_evaluate  # noqa: E402
+
+
+class _ShardsIterator:
+  """Concatenates one batch of each shard's iterator; checkpointable like grain's."""
+
+  def __init__(self, loaders):
+    self.iterators = [iter(loader) for loader in loaders]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state().decode() for it in self.iterators]).encode()
+
+  def set_state(self, state: bytes) -> None:
+    for it, s in zip(self.iterators, json.loads(state)):
+      it.set_state(s.encode())
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class _ShardsLoader:
+  def __init__(self, loaders):
+    self.loaders = loaders
+
+  def __iter__(self):
+    return _ShardsIterator(self.loaders)
+
+
+if args.as_processes > 1:
+  one_process_loader = ip.make_loader
+
+  def make_loader(source, config, **kw):
+    n = args.as_processes
+    per_process = dataclasses.replace(config, batch_size=config.batch_size // n)
+    return _ShardsLoader([one_process_loader(source, per_process, shard_index=i, shard_count=n,
+                                             **kw) for i in range(n)])
+
+  ip.make_loader = make_loader
 
 spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, args.config))
 module = importlib.util.module_from_spec(spec)
