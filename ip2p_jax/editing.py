@@ -1,17 +1,31 @@
 """Editing a set of image files: the job behind ``ip2p edit``.
 
-Files, folders and globs are expanded into one sorted list; image ``k`` of that
-list is edited with the noise of ``(seed, k)`` whatever the batching, process
-count or earlier runs. Outputs are written atomically and an existing output is
-kept (so a killed run resumes where it stopped); unreadable inputs are skipped,
-reported, and listed in a JSON manifest next to the outputs. On several hosts
-each process edits the files ``k`` with ``k % process_count == process_index``.
+Inputs are files, folders (searched recursively) and globs. Each input file has a
+root: the folder given, the folder part of a glob before its first wildcard, or a
+file's own folder. Its path relative to that root (``REL``, ``/``-separated) is its
+identity: the output is ``OUT/REL`` with a ``.png`` suffix (subfolders mirrored)
+and the noise is ``fold_in(key(seed), noise_id(REL))``. Adding, removing or
+reordering inputs never changes another image's name or edit; two inputs that
+would write the same output are an error before any work.
+
+Every output PNG carries its own record (input, instruction, seed, scales, steps,
+sampler, resolution, resize, dtype, model hash) in a text chunk, and
+``OUT/manifest.json`` keeps every run (time, settings, what was edited, kept and
+failed, appended) and every output's record. An existing output made with exactly
+the current settings is kept, so a killed run resumes where it stopped; a folder
+holding outputs made otherwise is refused (:class:`EditError`) unless
+``overwrite``. Unreadable inputs are skipped, reported and listed. On several
+hosts process ``r`` of ``n`` edits the inputs ``k`` (in sorted order) with
+``k % n == r`` and writes ``manifest.process-r.json``.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
+import hashlib
 import json
+import math
 import os
 import time
 from typing import Callable, Iterable, Sequence
@@ -23,6 +37,17 @@ from ip2p_jax import images as imagelib
 from ip2p_jax.atomic import TMP_PREFIX, atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+MAX_SEED = 2 ** 32 - 1
+RECORD_KEY = "ip2p_jax"  # the PNG text chunk holding an output's record
+MANIFEST = "manifest.json"
+# The record keys an output's pixels depend on, besides its input file.
+RECIPE_KEYS = ("instruction", "seed", "text_scale", "image_scale", "steps", "sampler",
+               "resolution", "resize", "dtype", "model")
+
+
+class EditError(ValueError):
+  """An edit job that cannot run as asked: bad settings, inputs that would share an
+  output, or an output folder holding outputs made otherwise."""
 
 
 @dataclasses.dataclass
@@ -38,6 +63,28 @@ class EditSettings:
   batch_size: int = 1
   overwrite: bool = False
   max_pixels: int = imagelib.DEFAULT_MAX_PIXELS
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One input file: where it is, its path relative to its root, its output and noise id."""
+  input: str
+  rel: str
+  output: str
+  noise_id: int
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a run will do, decided before the model loads (see :func:`make_plan`)."""
+  out_dir: str
+  items: list[Item]
+  todo: list[Item]
+  kept: list[Item]
+  missing: list[dict]
+  recipe: dict
+  previous: dict[str, dict]  # output REL -> record, from the folder's manifests and PNGs
 
 
 @dataclasses.dataclass
@@ -52,45 +99,215 @@ class Report:
     return not self.failed
 
 
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
-  """Files, folders (their image files, recursively) and globs -> a sorted, de-duplicated
-  file list; inputs that match nothing are returned as failures."""
-  files, missing = [], []
+def validate_settings(settings: EditSettings) -> None:
+  """Every setting checked at once, before any work; :class:`EditError` names the first
+  bad one with its command-line flag."""
+  s = settings
+  checks = [
+      (isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
+       f"--seed must be an integer in [0, {MAX_SEED}], got {s.seed!r}"),
+      (math.isfinite(s.text_scale), f"--text-scale must be a finite number, got {s.text_scale}"),
+      (math.isfinite(s.image_scale),
+       f"--image-scale must be a finite number, got {s.image_scale}"),
+      (s.steps >= 1, f"--steps must be >= 1, got {s.steps}"),
+      (s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}"),
+      (s.resolution >= 8, f"--resolution must be >= 8, got {s.resolution}"),
+      (s.resize in imagelib.RESIZE_MODES,
+       f"--resize must be one of {list(imagelib.RESIZE_MODES)}, got {s.resize!r}"),
+      (s.max_pixels >= 1, f"--max-pixels must be >= 1, got {s.max_pixels}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise EditError(message)
+
+
+def noise_id(rel: str) -> int:
+  """An input's noise index: 31 bits of sha256 of its relative path."""
+  return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _glob_root(pattern: str) -> str:
+  """The folder part of ``pattern`` before its first wildcard."""
+  head = pattern
+  while any(c in head for c in "*?["):
+    head = os.path.dirname(head)
+  return head or "."
+
+
+def _inside(path: str, folder: str | None) -> bool:
+  if folder is None:
+    return False
+  folder = os.path.realpath(folder)
+  return os.path.realpath(path).startswith(folder + os.sep)
+
+
+def _images_under(folder: str) -> list[str]:
+  return [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+          if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(TMP_PREFIX)]
+
+
+def expand_inputs(inputs: Sequence[str], exclude: str | None = None
+                  ) -> tuple[list[tuple[str, str]], list[dict]]:
+  """Files, folders (their image files, recursively) and globs -> sorted ``(file, REL)``
+  pairs, one per file (the first input naming a file gives its REL); files inside
+  ``exclude`` (the output folder) are left out of folders and globs. Inputs that match
+  nothing are returned as failures."""
+  found: dict[str, str] = {}
+  missing = []
   for item in inputs:
     if os.path.isdir(item):
-      found = [os.path.join(root, f) for root, _, names in os.walk(item) for f in names
-               if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(TMP_PREFIX)]
+      pairs = [(f, os.path.relpath(f, item)) for f in _images_under(item) if not _inside(f, exclude)]
     elif os.path.isfile(item):
-      found = [item]
+      pairs = [(item, os.path.basename(item))]
     else:
-      found = [f for f in glob.glob(item, recursive=True) if os.path.isfile(f)]
-      if not found:
-        missing.append({"input": item, "error": "no such file, folder or matching glob"})
-    files.extend(found)
-  return sorted(dict.fromkeys(os.path.normpath(f) for f in files)), missing
+      root = _glob_root(item)
+      pairs = [(f, os.path.relpath(f, root)) for f in glob.glob(item, recursive=True)
+               if os.path.isfile(f) and not _inside(f, exclude)]
+      if not pairs:
+        missing.append({"input": item, "error": f"{item}: no such file, folder or matching glob"})
+    for f, rel in pairs:
+      found.setdefault(os.path.normpath(f), rel.replace(os.sep, "/"))
+  return sorted(found.items()), missing
 
 
-def output_names(files: Sequence[str]) -> list[str]:
-  """``stem.png`` per input; repeated stems get ``-k`` (k = list position), so every
-  process derives the same names."""
-  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-  counts: dict[str, int] = {}
-  for s in stems:
-    counts[s] = counts.get(s, 0) + 1
-  return [f"{s}.png" if counts[s] == 1 else f"{s}-{k}.png" for k, s in enumerate(stems)]
+def output_rel(rel: str) -> str:
+  """The output's path relative to the output folder: REL with a ``.png`` suffix."""
+  return os.path.splitext(rel)[0] + ".png"
+
+
+def plan_items(pairs: Sequence[tuple[str, str]], out_dir: str) -> list[Item]:
+  """One :class:`Item` per ``(file, REL)``; inputs that would share an output, or
+  overwrite themselves, are an :class:`EditError`."""
+  items, by_output = [], {}
+  for f, rel in pairs:
+    out = output_rel(rel)
+    if out in by_output:
+      raise EditError(
+          f"{by_output[out]} and {f} would both be written to {os.path.join(out_dir, out)}: "
+          "give their common folder as the input (subfolders are mirrored) or rename one")
+    by_output[out] = f
+    item = Item(f, rel, os.path.join(out_dir, out), noise_id(rel))
+    if os.path.realpath(item.output) == os.path.realpath(f):
+      raise EditError(f"{f}: its output would overwrite it; choose another -o")
+    items.append(item)
+  return items
+
+
+def recipe(settings: EditSettings, sampler: str, model: str) -> dict:
+  """What an output's pixels depend on besides its input (see ``RECIPE_KEYS``)."""
+  s = settings
+  return dict(instruction=s.prompt, seed=s.seed, text_scale=s.text_scale,
+              image_scale=s.image_scale, steps=s.steps, sampler=sampler,
+              resolution=s.resolution, resize=s.resize, dtype=s.dtype, model=model)
+
+
+def record(item: Item, recipe_: dict) -> dict:
+  """An output's own record: its input (absolute path), its noise id and its recipe."""
+  return {"input": os.path.abspath(item.input), "noise_id": item.noise_id, **recipe_}
+
+
+def _manifest_paths(out_dir: str) -> list[str]:
+  return sorted({os.path.join(out_dir, MANIFEST),
+                 *glob.glob(os.path.join(out_dir, "manifest.process-*.json"))})
+
+
+def read_manifest(path: str) -> dict:
+  """``{"runs": [...], "outputs": {REL: record}}`` from ``path`` (empty if absent; a
+  manifest of the earlier one-run format becomes its first run, with no records)."""
+  if not os.path.isfile(path):
+    return {"runs": [], "outputs": {}}
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise EditError(f"{path}: unreadable ({e}); move it away or choose another -o") from None
+  if not isinstance(data, dict):
+    raise EditError(f"{path}: not a manifest (a JSON {type(data).__name__}); move it away "
+                    "or choose another -o")
+  if "runs" not in data:
+    return {"runs": [data], "outputs": {}}
+  return {"runs": list(data.get("runs", [])), "outputs": dict(data.get("outputs", {}))}
+
+
+def _embedded_record(path: str) -> dict | None:
+  text = imagelib.read_text(path).get(RECORD_KEY)
+  try:
+    return json.loads(text) if text else None
+  except ValueError:
+    return None
+
+
+def previous_records(out_dir: str) -> dict[str, dict]:
+  """Output REL -> record for every output of earlier runs whose file still exists:
+  from the manifests, then each planned file's own record where there is one."""
+  records = {}
+  for path in _manifest_paths(out_dir):
+    for rel, rec in read_manifest(path)["outputs"].items():
+      if os.path.isfile(os.path.join(out_dir, rel)):
+        records[rel] = rec
+  return records
+
+
+def _difference(old: dict | None, new: dict) -> str:
+  if old is None:
+    return "no record of how it was made"
+  keys = [k for k in ("input", "noise_id", *RECIPE_KEYS) if old.get(k) != new.get(k)]
+  return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
+def make_plan(inputs: Sequence[str], out_dir: str, settings: EditSettings, *, sampler: str,
+              model: str, process: tuple[int, int] | None = None) -> Plan:
+  """Checks the settings and inputs, names the outputs, and decides what to edit and
+  what to keep. Raises :class:`EditError` when the folder holds outputs made otherwise
+  and ``settings.overwrite`` is off. ``process``: (index, count) of this process
+  (default: JAX's)."""
+  validate_settings(settings)
+  pairs, missing = expand_inputs(inputs, exclude=out_dir)
+  items = plan_items(pairs, out_dir)
+  recipe_ = recipe(settings, sampler, model)
+  previous = previous_records(out_dir)
+  planned = {output_rel(it.rel) for it in items}
+  conflicts, matching = [], set()
+  for it in items:
+    if not os.path.exists(it.output):
+      continue
+    rel = output_rel(it.rel)
+    old = _embedded_record(it.output) or previous.get(rel)
+    if old is not None:
+      previous[rel] = old
+    new = record(it, recipe_)
+    if old is not None and all(old.get(k) == new[k] for k in new):
+      matching.add(it.output)
+    else:
+      conflicts.append((it.output, _difference(old, new)))
+  for rel, old in previous.items():
+    if rel not in planned and any(old.get(k) != recipe_[k] for k in RECIPE_KEYS):
+      conflicts.append((os.path.join(out_dir, rel), _difference(old, {**old, **recipe_})))
+  if conflicts and not settings.overwrite:
+    path, why = conflicts[0]
+    raise EditError(
+        f"{out_dir} holds {len(conflicts)} output(s) made otherwise (e.g. {path}: {why}); "
+        "pass --overwrite to replace them, or choose another -o")
+  rank, world = process or (jax.process_index(), jax.process_count())
+  mine = [it for k, it in enumerate(items) if k % world == rank]
+  kept = [it for it in mine if it.output in matching and not settings.overwrite]
+  todo = [it for it in mine if it not in kept]
+  return Plan(out_dir, items, todo, kept, missing, recipe_, previous)
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:
-  for f in glob.glob(os.path.join(out_dir, TMP_PREFIX + "*")):
-    try:
-      os.unlink(f)
-    except OSError:
-      pass
+  for root, _, names in os.walk(out_dir):
+    for name in names:
+      if name.startswith(TMP_PREFIX):
+        try:
+          os.unlink(os.path.join(root, name))
+        except OSError:
+          pass
 
 
 def write_json(path: str, data) -> None:
   with atomic_write(path, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2)
+    json.dump(data, f, indent=2, allow_nan=False)
     f.write("\n")
 
 
@@ -99,74 +316,102 @@ def _batches(items: list, size: int) -> Iterable[list]:
     yield items[i:i + size]
 
 
+def _write_manifest(plan: Plan, settings: EditSettings, report: Report, started: float) -> None:
+  """Appends this run to the process's manifest and records every output it made or kept."""
+  rank, world = jax.process_index(), jax.process_count()
+  path = os.path.join(plan.out_dir, MANIFEST if world == 1 else f"manifest.process-{rank}.json")
+  data = read_manifest(path)
+  data["runs"].append({
+      "time": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "settings": {**dataclasses.asdict(settings), "sampler": plan.recipe["sampler"],
+                   "model": plan.recipe["model"]},
+      "edited": [{"input": e["input"], "output": e["output"]} for e in report.edited],
+      "skipped_existing": report.skipped_existing,
+      "failed": report.failed, "seconds": round(report.seconds, 3)})
+  outputs = data["outputs"]
+  for it in plan.kept:
+    rel = output_rel(it.rel)
+    outputs[rel] = plan.previous.get(rel, record(it, plan.recipe))
+  for entry in report.edited:
+    outputs[entry["rel"]] = entry["record"]
+  data["outputs"] = dict(sorted(outputs.items()))
+  write_json(path, data)
+
+
 def edit_files(pipe, inputs: Sequence[str], out_dir: str, settings: EditSettings, *,
+               model: str | None = None, plan: Plan | None = None,
                progress: Callable | None = None) -> Report:
-  """Edits every image of ``inputs`` into ``out_dir`` (see module docstring)."""
+  """Edits every image of ``inputs`` into ``out_dir`` (see module docstring). ``model``
+  names the model in the records (default: a hash of ``pipe``'s parameters); ``plan``
+  is a :func:`make_plan` result made earlier (the CLI checks before loading the model)."""
   start = time.time()
+  if plan is None:
+    from ip2p_jax.checkpoints.fingerprint import params_hash
+    sampler = settings.sampler or pipe.sampler_and_levels(None, settings.steps)[0]
+    plan = make_plan(inputs, out_dir, settings, sampler=sampler,
+                     model=model or params_hash(pipe.params))
   os.makedirs(out_dir, exist_ok=True)
   _remove_stale_temporaries(out_dir)
-  files, missing = expand_inputs(inputs)
-  names = output_names(files)
-  report = Report(failed=list(missing))
-  rank, world = jax.process_index(), jax.process_count()
-  todo = []
-  for k, (f, name) in enumerate(zip(files, names)):
-    if k % world != rank:
-      continue
-    out = os.path.join(out_dir, name)
-    if os.path.exists(out) and not settings.overwrite:
-      report.skipped_existing.append({"input": f, "output": out})
-    else:
-      todo.append((k, f, out))
+  report = Report(failed=list(plan.missing),
+                  skipped_existing=[{"input": it.input, "output": it.output} for it in plan.kept])
+  try:
+    _edit(pipe, plan, settings, report, progress)
+  finally:
+    report.seconds = time.time() - start
+    _write_manifest(plan, settings, report, start)
+  return report
+
+
+def _edit(pipe, plan: Plan, settings: EditSettings, report: Report, progress) -> None:
   multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-  bar = progress(total=len(todo)) if progress else None
+  bar = progress(total=len(plan.todo)) if progress else None
   # Load a window at a time, group by prepared size (one compiled program per size).
-  for window in _batches(todo, max(settings.batch_size * 8, 8)):
+  for window in _batches(plan.todo, max(settings.batch_size * 8, 8)):
     groups: dict[tuple[int, int], list] = {}
-    for k, f, out in window:
+    for it in window:
       try:
-        im = imagelib.load(f, settings.max_pixels)
+        im = imagelib.load(it.input, settings.max_pixels)
         prepared = imagelib.prepare(im, settings.resolution, settings.resize, multiple)
       except (imagelib.ImageError, OSError) as e:
-        report.failed.append({"input": f, "error": str(e)})
+        report.failed.append({"input": it.input, "error": str(e)})
         if bar:
           bar.update(1)
         continue
-      groups.setdefault(prepared.image.size, []).append((k, f, out, prepared))
+      groups.setdefault(prepared.image.size, []).append((it, prepared))
     for group in groups.values():
       for batch in _batches(group, settings.batch_size):
-        result = pipe(settings.prompt, [p.image for _, _, _, p in batch],
+        result = pipe(settings.prompt, [p.image for _, p in batch],
                       num_inference_steps=settings.steps, guidance_scale=settings.text_scale,
                       image_guidance_scale=settings.image_scale, seed=settings.seed,
-                      scheduler=settings.sampler, image_ids=[k for k, *_ in batch])
-        for (k, f, out, prepared), edited in zip(batch, result.images):
-          imagelib.save(imagelib.unpad(edited, prepared), out)
-          report.edited.append({"input": f, "output": out})
+                      scheduler=plan.recipe["sampler"], image_ids=[it.noise_id for it, _ in batch])
+        for (it, prepared), edited in zip(batch, result.images):
+          rec = record(it, plan.recipe)
+          imagelib.save(imagelib.unpad(edited, prepared), it.output,
+                        text={RECORD_KEY: json.dumps(rec)})
+          report.edited.append({"input": it.input, "output": it.output, "rel": output_rel(it.rel),
+                                "noise_id": it.noise_id, "record": rec})
         if bar:
           bar.update(len(batch))
   if bar:
     bar.close()
-  report.seconds = time.time() - start
-  manifest = "manifest.json" if world == 1 else f"manifest.process-{rank}.json"
-  write_json(os.path.join(out_dir, manifest), {
-      "settings": dataclasses.asdict(settings), "edited": report.edited,
-      "skipped_existing": report.skipped_existing, "failed": report.failed,
-      "seconds": round(report.seconds, 3)})
-  return report
 
 
 def scale_grid(pipe, image: Image.Image, settings: EditSettings, text_scales: Sequence[float],
-               image_scales: Sequence[float]) -> Image.Image:
+               image_scales: Sequence[float], noise_id: int = 0) -> Image.Image:
   """One picture sweeping text scale (columns) x image scale (rows), all cells with the
-  same noise, like Figure 4 of the paper. Scales are per-image inputs, so the whole
-  grid is one batch and one compiled program."""
+  noise of ``noise_id`` (the image's own, so the cell at the run's scales is its edit),
+  like Figure 4 of the paper. Scales are per-image inputs, so the whole grid is one
+  batch and one compiled program."""
+  if not text_scales or not image_scales:
+    raise EditError("the grid needs at least one text scale and one image scale")
   multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
   prepared = imagelib.prepare(image, settings.resolution, settings.resize, multiple)
   cells = [(t, s) for s in image_scales for t in text_scales]
   result = pipe(settings.prompt, [prepared.image] * len(cells),
                 num_inference_steps=settings.steps,
                 guidance_scale=[t for t, _ in cells], image_guidance_scale=[s for _, s in cells],
-                seed=settings.seed, scheduler=settings.sampler, image_ids=[0] * len(cells))
+                seed=settings.seed, scheduler=settings.sampler, image_ids=[noise_id] * len(cells))
   tiles = [imagelib.unpad(im, prepared) for im in result.images]
   w, h = tiles[0].size
   left, top = 64, 18  # room for the row and column labels (PIL's default font)

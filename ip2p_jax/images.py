@@ -133,9 +133,30 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
   return [Image.fromarray((np.asarray(x) * 255).round().astype(np.uint8)) for x in images]
 
 
-def save(im: Image.Image, path: str) -> None:
+def save(im: Image.Image, path: str, text: dict[str, str] | None = None) -> None:
   """Writes ``im`` atomically: a temporary file in the same folder, then rename, so
-  a killed run never leaves a partial output."""
+  a killed run never leaves a partial output. ``text``: PNG text chunks (key -> value)
+  written into the file itself (PNG only)."""
   suffix = os.path.splitext(path)[1].lower() or ".png"
+  fmt = Image.registered_extensions().get(suffix, "PNG")
+  extra = {}
+  if text:
+    if fmt != "PNG":
+      raise ValueError(f"{path}: text chunks need a PNG file")
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+      info.add_itxt(key, value)
+    extra["pnginfo"] = info
   with atomic_write(path) as f:
-    im.save(f, format=Image.registered_extensions().get(suffix, "PNG"))
+    im.save(f, format=fmt, **extra)
+
+
+def read_text(path: str) -> dict[str, str]:
+  """The PNG text chunks :func:`save` wrote (empty for other files or unreadable ones).
+  :func:`save` puts them before the pixels, so this reads the header only."""
+  try:
+    with Image.open(path) as im:
+      return {k: str(v) for k, v in im.info.items() if isinstance(v, str)}
+  except (OSError, ValueError, SyntaxError):
+    return {}

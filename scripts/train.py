@@ -4,9 +4,11 @@
       [--config.total_steps=100 --config.batch_size=8 ...]
 
 Thin on purpose: flags in, ``ip2p_jax.train.loop.train_and_evaluate`` does the work
-(call it from a notebook the same way). Unknown ``--config.*`` keys are errors.
+(call it from a notebook the same way). Unknown ``--config.*`` keys and bad values
+are one ``train.py: error:`` line and exit status 2 (``--debug`` shows the traceback).
 """
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,6 +22,32 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples and the expo
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def flag_error_message(error: BaseException) -> str:
+  """One line from absl/ml_collections' flag errors, whose text may be a repr of a
+  multi-line message (``'\\'totl_steps\\'\\nDid you mean "total_steps" ...'``)."""
+  text = str(error)
+  for _ in range(2):  # unwrap repr()-quoted messages
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      text = text[1:-1].encode().decode("unicode_escape")
+  text = re.sub(r"\s*\n\s*", "; ", text.strip())
+  if isinstance(error, (AttributeError, KeyError)):  # ml_collections: no such field
+    text = f"unknown config key {text}"
+  return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with errors as one line instead of a traceback."""
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - flag errors come as several exception types
+    if debug:
+      raise
+    print(f"train.py: error: {flag_error_message(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   from ip2p_jax.train.loop import train_and_evaluate
@@ -28,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -84,7 +84,7 @@ def test_two_processes_edit_disjoint_slices_like_one(model, tmp_path):
   # Each process reports its own slice: 0, 2, 4 and 1, 3.
   import json
   edited = [sorted(os.path.basename(e["input"]) for e in json.load(open(
-      tmp_path / "multi" / f"manifest.process-{i}.json"))["edited"]) for i in range(2)]
+      tmp_path / "multi" / f"manifest.process-{i}.json"))["runs"][-1]["edited"]) for i in range(2)]
   assert edited == [["img0.png", "img2.png", "img4.png"], ["img1.png", "img3.png"]]
 
 

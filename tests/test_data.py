@@ -129,8 +129,13 @@ def test_instructpix2pix_folder_format_skips_and_counts(tmp_path):
   (root / "seeds.json").write_text(json.dumps(listing))
   path, report = builders.build("instructpix2pix", str(tmp_path / "out"), builders.SourceConfig(
       name="folder", source=str(root), format="ip2p-folder"))
+  skipped = {e["item"]: e["reason"] for e in report.pop("skipped")}
   assert report == {"written": 2, "skipped_corrupt_image": 1, "skipped_missing_folder": 1,
                     "skipped_examples_in_missing_folders": 2, "skipped_empty_prompt": 1}
+  assert sorted(skipped) == ["0001/12", "0004/41", "missing_dir"]
+  assert skipped["0001/12"].startswith("edited image: unreadable image")
+  assert "missing_dir/prompt.json is missing (2 examples)" in skipped["missing_dir"]
+  assert skipped["0004/41"] == "empty edit instruction"
   rows = sorted(_read_all(path), key=lambda r: r["instruction"])
   assert [r["instruction"] for r in rows] == [b"edit 0001", b"edit 0002"]
   assert rows[0]["input_caption"] == b"in 0001" and rows[0]["edited_caption"] == b"out 0001"
@@ -153,7 +158,10 @@ def test_instructpix2pix_parquet_format(tmp_path):
   pq.write_table(table, tmp_path / "pq" / "train-00000.parquet")
   path, report = builders.build("instructpix2pix", str(tmp_path / "out"), builders.SourceConfig(
       name="pq", source=str(tmp_path / "pq"), format="hf-parquet"))
+  skipped = {e["item"]: e["reason"] for e in report.pop("skipped")}
   assert report == {"written": 1, "skipped_empty_prompt": 1, "skipped_corrupt_image": 1}
+  assert skipped["train-00000.parquet/1"] == "empty edit instruction"
+  assert skipped["train-00000.parquet/2"].startswith("input image: unreadable image")
   (row,) = _read_all(path)
   assert row["instruction"] == b"make it a tiger" and row["edited_caption"] == b"a tiger"
 
@@ -169,7 +177,9 @@ def test_image_captions_from_folder_and_parquet(tmp_path):
   (folder / "c.txt").write_text("")
   path, report = builders.build("image_captions", str(tmp_path / "o1"), builders.SourceConfig(
       name="f", source=str(folder), format="folder"))
+  skipped = {e["item"]: e["reason"] for e in report.pop("skipped")}
   assert report == {"written": 1, "skipped_corrupt_image": 1, "skipped_empty_prompt": 1}
+  assert skipped["b.png"].startswith("unreadable image") and skipped["c.jpg"] == "empty caption"
   assert _read_all(path)[0]["caption"] == b"a red square"
 
   import pyarrow as pa
@@ -179,7 +189,7 @@ def test_image_captions_from_folder_and_parquet(tmp_path):
   path, report = builders.build("image_captions", str(tmp_path / "o2"), builders.SourceConfig(
       name="p", source=str(tmp_path / "c.parquet"), format="parquet", image_column="img",
       text_column="txt"))
-  assert report == {"written": 1} and _read_all(path)[0]["caption"] == b"red"
+  assert report == {"written": 1, "skipped": []} and _read_all(path)[0]["caption"] == b"red"
 
 
 # -- grain pipeline ----------------------------------------------------------------------

@@ -72,13 +72,33 @@ def _pickle_message(files: list[str]) -> str:
 
 
 def _read_json(path: str) -> dict:
+  """A JSON object from ``path``; a missing file, invalid JSON or another JSON type
+  (``[]``, a string) is a :class:`CheckpointError` naming the file."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      data = json.load(f)
   except FileNotFoundError:
-    raise CheckpointError(f"{path}: missing") from None
-  except json.JSONDecodeError as e:
+    raise CheckpointError(_missing_message(path)) from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object ({{\"key\": value, ...}}), "
+                          f"got a JSON {type(data).__name__}")
+  return data
+
+
+def _missing_message(path: str) -> str:
+  """Why ``path`` (a config file) is missing, saying what its folder holds instead:
+  pickle-only weights are refused as such, a component folder is told apart from a pipeline."""
+  folder, name = os.path.split(path)
+  pickles = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES))
+  if pickles and not glob.glob(os.path.join(folder, "*.safetensors")):
+    return (f"{folder}: holds only pickle-based weights {[os.path.basename(p) for p in pickles]} "
+            f"and no {name}. " + _pickle_message(pickles))
+  if name == "model_index.json" and os.path.isfile(os.path.join(folder, "config.json")):
+    return (f"{path}: missing; {folder} is a single component folder (config.json), not a "
+            "pipeline: pass the folder above it that holds model_index.json")
+  return f"{path}: missing"
 
 
 def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
@@ -250,6 +270,53 @@ class PipelineParts:
   tokenizer: Any
   scheduler_config: dict[str, Any]
   model_index: dict[str, Any]
+
+
+@dataclasses.dataclass
+class PipelineInfo:
+  """What :func:`check_pipeline` read from a pipeline folder without loading weights."""
+  folder: str
+  configs: dict[str, Any]          # "unet", "vae", "text_encoder": parsed config dataclasses
+  scheduler_config: dict[str, Any]
+  tokenizer_dir: str | None
+
+
+def check_pipeline(path: str, variant: str | None = None) -> PipelineInfo:
+  """Checks everything about a pipeline folder that can be checked without reading the
+  weights: ``model_index.json``, every component's ``config.json`` (structure and types),
+  the safetensors files' presence and headers. Errors are :class:`CheckpointError` naming
+  the file and the problem; :func:`load_pipeline` then only reads tensors."""
+  folder = resolve(path)
+  _read_json(os.path.join(folder, "model_index.json"))
+  configs = {}
+  for name in PIPELINE_MODELS:
+    sub = os.path.join(folder, name)
+    if not os.path.isdir(sub):
+      raise CheckpointError(f"{folder}: pipeline component folder {name}/ is missing")
+    configs[name] = check_component(sub, variant)
+  sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+  scheduler_config = _read_json(sched) if os.path.isfile(sched) else {}
+  tok_dir = os.path.join(folder, "tokenizer")
+  return PipelineInfo(folder, configs, scheduler_config, tok_dir if os.path.isdir(tok_dir) else None)
+
+
+def check_component(folder: str, variant: str | None = None) -> Any:
+  """One component folder's parsed config, after checking its weight files' headers."""
+  where = os.path.join(folder, "config.json")
+  raw = _read_json(where)
+  kind = formats.kind_of_config(raw, where)
+  try:
+    config = kind.build(raw)
+  except ValueError as e:
+    raise CheckpointError(f"{where}: {e}") from None
+  for weights in _weight_files(folder, kind.weights_name, variant):
+    if not os.path.isfile(weights):
+      raise CheckpointError(f"{weights}: listed in the shard index but missing")
+    try:
+      safetensors.read_header(weights)
+    except safetensors.SafetensorsError as e:
+      raise CheckpointError(str(e)) from None
+  return config
 
 
 def load_pipeline(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

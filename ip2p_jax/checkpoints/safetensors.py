@@ -47,9 +47,12 @@ def read_header(path: str) -> tuple[dict, dict, int]:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise SafetensorsError(f"{path}: unreadable header ({e})") from None
+  if not isinstance(header, dict):
+    raise SafetensorsError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
   metadata = header.pop("__metadata__", {}) or {}
   data_size = size - 8 - n
   for name, entry in header.items():
+    _check_entry(path, name, entry)
     begin, end = entry["data_offsets"]
     if entry["dtype"] not in DTYPES:
       raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
@@ -61,6 +64,27 @@ def read_header(path: str) -> tuple[dict, dict, int]:
       raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
                              f"section but the file holds only {data_size} data bytes")
   return header, metadata, 8 + n
+
+
+def _check_entry(path: str, name: str, entry) -> None:
+  """A header entry must be ``{"dtype": str, "shape": [int >= 0, ...],
+  "data_offsets": [begin, end]}`` with ``0 <= begin <= end``."""
+  where = f"{path}: tensor {name!r}"
+  if not isinstance(entry, dict):
+    raise SafetensorsError(f"{where}: header entry is {entry!r}, not an object")
+  for key in ("dtype", "shape", "data_offsets"):
+    if key not in entry:
+      raise SafetensorsError(f"{where}: header entry has no {key!r} (has {sorted(entry)})")
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+  if not isinstance(entry["dtype"], str):
+    raise SafetensorsError(f"{where}: dtype {entry['dtype']!r} is not a string")
+  shape, offsets = entry["shape"], entry["data_offsets"]
+  if not (isinstance(shape, list) and all(is_int(d) for d in shape)):
+    raise SafetensorsError(f"{where}: shape {shape!r} is not a list of sizes")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+          and offsets[0] <= offsets[1]):
+    raise SafetensorsError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
+                           "0 <= begin <= end")
 
 
 def load(path: str) -> dict[str, np.ndarray]:

@@ -7,20 +7,17 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-  from ip2p_jax.cli import data, edit, eval, info
-  parser = argparse.ArgumentParser(
-      prog="ip2p", description="InstructPix2Pix in JAX: edit images by instructions.")
+  from ip2p_jax.cli import common, data, edit, eval, info
+  argv, debug = common.pop_debug(sys.argv[1:] if argv is None else list(argv))
+  parser = common.Parser(
+      prog="ip2p", description="InstructPix2Pix in JAX: edit images by instructions. "
+      "--debug (anywhere) shows a traceback instead of the one-line error.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for module in (edit, data, info, eval):
     module.add_parser(sub)
   args = parser.parse_args(argv)
-  try:
-    return int(args.run(args) or 0)
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  return common.run_command(args, debug)

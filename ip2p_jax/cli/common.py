@@ -1,8 +1,15 @@
-"""Helpers shared by subcommands: the default model, the compilation cache, errors."""
+"""Helpers shared by subcommands: the default model, the compilation cache, errors.
+
+Every failure of a command is one ``ip2p: error: ...`` line on stderr and exit
+status 2 (argument errors, bad inputs, and unexpected exceptions alike);
+``--debug`` anywhere on the command line shows the traceback instead.
+"""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import traceback
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "default_model")
 
@@ -37,6 +44,53 @@ def enable_compilation_cache(path: str | None = None) -> str:
   return path
 
 
+def one_line(message: str) -> str:
+  """A multi-line message (e.g. a list of mis-shaped tensors) joined into one line."""
+  return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+DEBUG = False  # set by run_command from --debug
+
+
 def fail(message: str, status: int = 2) -> int:
-  print(f"ip2p: error: {message}", file=sys.stderr)
+  """Prints the one error line (after the traceback of the exception being handled,
+  under ``--debug``) and returns ``status``."""
+  if DEBUG and sys.exc_info()[0] is not None:
+    traceback.print_exc()
+  print(f"ip2p: error: {one_line(message)}", file=sys.stderr)
   return status
+
+
+def warn(message: str) -> None:
+  print(f"ip2p: warning: {one_line(message)}", file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one ``ip2p: error:`` line, exit status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"ip2p: error: {self.prog}: {message} (see `{self.prog} -h`)\n")
+
+
+def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+  """``argv`` without ``--debug`` (accepted anywhere), and whether it was there."""
+  return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
+def run_command(args, debug: bool) -> int:
+  """Runs a parsed subcommand. Errors that escape it become one ``ip2p: error:`` line
+  and exit status 2, or the traceback under ``--debug``."""
+  global DEBUG
+  DEBUG = debug
+  try:
+    return int(args.run(args) or 0)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
+    if debug:
+      traceback.print_exc()
+      return 2
+    known = isinstance(e, (CommandError, ValueError, OSError))
+    what = str(e) if known and str(e) else f"{type(e).__name__}: {e}"
+    return fail(what + ("" if known else " (rerun with --debug for the traceback)"))

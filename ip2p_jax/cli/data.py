@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
   imp.add_argument("--out", required=True)
   imp.add_argument("--image-column", default="image", help="captions parquet only")
   imp.add_argument("--text-column", default="text", help="captions parquet only")
+  imp.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import of another source in --out")
   imp.set_defaults(run=run_import)
 
   show = s.add_parser("show", help="write a contact sheet PNG of a few examples")
@@ -49,10 +51,20 @@ def add_parser(sub) -> None:
   cache.set_defaults(run=run_cache)
 
 
+SHOWN_SKIPS = 50
+
+
 def _print_report(path: str, report: dict) -> None:
+  """Counts, then each skipped item and why (the first ``SHOWN_SKIPS``; all of them are
+  in build_report.json)."""
   print(f"dataset: {path}")
-  for key in sorted(report):
+  for key in sorted(k for k in report if k != "skipped"):
     print(f"  {key}: {report[key]}")
+  skipped = report.get("skipped", [])
+  for entry in skipped[:SHOWN_SKIPS]:
+    print(f"  skipped {entry['item']}: {entry['reason']}")
+  if len(skipped) > SHOWN_SKIPS:
+    print(f"  ... and {len(skipped) - SHOWN_SKIPS} more skipped, listed in build_report.json")
 
 
 def run_shapes(args) -> int:
@@ -81,13 +93,12 @@ def run_import(args) -> int:
                                  format=fmt, image_column=args.image_column,
                                  text_column=args.text_column)
   try:
-    path, report = builders.build(kind, args.out, config)
+    path, report, fresh = builders.import_source(kind, args.out, config, overwrite=args.overwrite)
   except (FileNotFoundError, ValueError) as e:
     return fail(str(e))
+  if not fresh:
+    print(f"already imported from {config.source}; reusing it (--overwrite rebuilds)")
   _print_report(path, report)
-  skipped = sum(v for k, v in report.items() if k.startswith("skipped"))
-  if skipped:
-    print(f"  ({skipped} skipped; see build_report.json)")
   return 0
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 
-from ip2p_jax.cli.common import CommandError, enable_compilation_cache, fail, resolve_model
+from ip2p_jax.cli.common import CommandError, enable_compilation_cache, resolve_model, warn
 
 EXAMPLES = """examples:
   ip2p edit photo.jpg -p "make it look like a watercolor" -o out/
@@ -15,7 +17,16 @@ EXAMPLES = """examples:
 
 
 def _floats(text: str) -> list[float]:
-  return [float(v) for v in text.split(",") if v.strip()]
+  """A comma-separated list of finite numbers, at least one."""
+  try:
+    values = [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+  if not values:
+    raise argparse.ArgumentTypeError(f"{text!r} holds no scale; give e.g. 3,5,7.5")
+  if not all(math.isfinite(v) for v in values):
+    raise argparse.ArgumentTypeError(f"{text!r}: scales must be finite numbers")
+  return values
 
 
 def add_parser(sub) -> None:
@@ -29,7 +40,9 @@ def add_parser(sub) -> None:
   p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
   p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T (7.5)")
   p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I (1.5)")
-  p.add_argument("--seed", type=int, default=0, help="image k uses noise (seed, k)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="in [0, 2^32 - 1]; an image's noise is (seed, a hash of its path "
+                      "relative to the input folder)")
   p.add_argument("--sampler", choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
                  help="default: the model folder's scheduler (Euler ancestral for IP2P)")
   p.add_argument("--resolution", type=int, default=None,
@@ -38,7 +51,9 @@ def add_parser(sub) -> None:
                  help="fit: pad, nothing cut (default); crop: the original's centre crop; "
                       "resize: stretch slightly")
   p.add_argument("--batch-size", type=int, default=1, help="images per compiled call")
-  p.add_argument("--overwrite", action="store_true", help="redo outputs that exist")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo outputs that exist (without it, outputs made with exactly these "
+                      "settings are kept and outputs made otherwise are an error)")
   p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--grid", action="store_true",
@@ -56,6 +71,59 @@ def add_parser(sub) -> None:
   p.set_defaults(run=run)
 
 
+def check_output_folder(path: str) -> None:
+  """Creates ``path`` if needed and proves it writable by writing a file there."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CommandError(f"-o {path}: exists and is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise CommandError(f"-o {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _check_prompt_length(prompt: str, tokenizer_dir: str | None) -> None:
+  """Warns when CLIP will cut the instruction (77 tokens, start and end included)."""
+  from ip2p_jax import tokenizer as tokenizers
+  tok = tokenizers.load(tokenizer_dir)
+  n = len(tok(prompt).input_ids)
+  if n > tokenizers.MAX_LENGTH:
+    warn(f"the instruction is {n} tokens long; CLIP reads only the first "
+         f"{tokenizers.MAX_LENGTH} (start and end tokens included), the rest is ignored")
+
+
+def _plan(args, info, process: tuple[int, int]):
+  """Everything checked before the model loads: settings, inputs, output folder, records.
+  ``process``: (index, count) of this process."""
+  from ip2p_jax import editing
+  from ip2p_jax.checkpoints.fingerprint import folder_hash
+  from ip2p_jax.diffusion import schedules
+  unet = info.configs["unet"]
+  native = (unet.sample_size or 64) * 2 ** (len(info.configs["vae"].block_out_channels) - 1)
+  settings = editing.EditSettings(
+      prompt=args.prompt, steps=args.steps, text_scale=args.text_scale,
+      image_scale=args.image_scale, seed=args.seed, sampler=args.sampler,
+      resolution=args.resolution or native, resize=args.resize, batch_size=args.batch_size,
+      overwrite=args.overwrite, max_pixels=args.max_pixels, dtype=args.dtype)
+  editing.validate_settings(settings)
+  sampler = args.sampler or schedules.sampler_of_scheduler_config(info.scheduler_config)
+  schedules.ScheduleConfig.from_dict(info.scheduler_config, sampler)
+  _, missing = editing.expand_inputs(args.inputs)
+  if missing:
+    raise CommandError(missing[0]["error"])
+  _check_prompt_length(args.prompt, info.tokenizer_dir)
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    raise CommandError(f"-o {args.output}: exists and is not a folder")
+  plan = editing.make_plan(args.inputs, args.output, settings, sampler=sampler,
+                           model=folder_hash(info.folder), process=process)
+  if not plan.items:
+    raise CommandError(f"no image files found in {' '.join(args.inputs)}")
+  check_output_folder(args.output)
+  return settings, plan
+
+
 def run(args) -> int:
   import jax
   import jax.numpy as jnp
@@ -63,36 +131,30 @@ def run(args) -> int:
 
   from ip2p_jax import InstructPix2PixPipeline, editing
   from ip2p_jax import images as imagelib
-  from ip2p_jax.checkpoints import CheckpointError
+  from ip2p_jax.checkpoints import check_pipeline
 
-  if args.steps < 1 or args.batch_size < 1 or (args.resolution is not None and args.resolution < 8):
-    return fail("--steps and --batch-size must be >= 1 and --resolution >= 8")
+  info = check_pipeline(resolve_model(args.model))
+  settings, plan = _plan(args, info, (0, 1))  # jax.distributed must start before JAX does
   if args.coordinator:
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
   elif args.distributed:
     jax.distributed.initialize()
+  if jax.process_count() > 1:  # each process's slice depends on the process count
+    settings, plan = _plan(args, info, (jax.process_index(), jax.process_count()))
   if not args.no_compilation_cache:
     enable_compilation_cache()
-  try:
-    model = resolve_model(args.model)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype)
-  except (CommandError, CheckpointError, ValueError) as e:
-    return fail(str(e))
-  native = (pipe.unet.config.sample_size or 64) * pipe.vae_scale_factor
-  settings = editing.EditSettings(
-      prompt=args.prompt, steps=args.steps, text_scale=args.text_scale,
-      image_scale=args.image_scale, seed=args.seed, sampler=args.sampler,
-      resolution=args.resolution or native, resize=args.resize, batch_size=args.batch_size,
-      overwrite=args.overwrite, max_pixels=args.max_pixels)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  pipe = InstructPix2PixPipeline.from_pretrained(info.folder, dtype=dtype, param_dtype=dtype)
   progress = lambda total: tqdm(total=total, unit="img", desc="editing", dynamic_ncols=True,
                                 disable=None)
-  report = editing.edit_files(pipe, args.inputs, args.output, settings, progress=progress)
+  report = editing.edit_files(pipe, args.inputs, args.output, settings, plan=plan,
+                              progress=progress)
   if args.grid:
     for entry in report.edited:
       grid = editing.scale_grid(pipe, imagelib.load(entry["input"], args.max_pixels), settings,
-                                args.grid_text_scales, args.grid_image_scales)
+                                args.grid_text_scales, args.grid_image_scales,
+                                noise_id=entry["noise_id"])
       stem = os.path.splitext(entry["output"])[0]
       imagelib.save(grid, f"{stem}_grid.png")
   n = len(report.edited)
@@ -100,5 +162,7 @@ def run(args) -> int:
   print(f"edited {n}, kept {len(report.skipped_existing)} existing, failed "
         f"{len(report.failed)} ({rate:.2f} images/s) -> {args.output}")
   for item in report.failed:
-    print(f"  failed: {item['error']}", file=sys.stderr)
+    error = item["error"]
+    print(f"  failed: {error if item['input'] in error else item['input'] + ': ' + error}",
+          file=sys.stderr)
   return 0 if report.ok else 1

@@ -10,10 +10,17 @@
     it, or ``captions.jsonl`` lines ``{"file": ..., "text": ...}``) or parquet with
     image and text columns.
 
-A listed-but-missing folder, an unreadable image or an empty prompt is skipped and
-counted; :func:`build` returns and prints the counts and writes them to
-``build_report.json`` in the dataset folder. Read back with :func:`open_split`.
+A listed-but-missing folder, an unreadable image or an empty prompt is skipped,
+counted and listed with the reason (``{"item": "dir/seed" or "file.parquet/row",
+"reason": ...}``); :func:`build` returns the counts and writes counts and list to
+``build_report.json`` in the dataset folder. A parquet file without the columns a
+format needs is an error naming them. Read back with :func:`open_split`.
 Images are stored as encoded bytes (PNG/JPEG as given), text as UTF-8.
+
+:func:`import_source` is the ``ip2p data import`` job: it records where a dataset
+came from (``OUT/import.json``) and refuses to put a second source into a
+non-empty ``OUT`` (or rebuilds it under ``overwrite``), so a rerun never reports an
+old dataset as the new one.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import glob
 import io
 import json
 import os
+import shutil
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +74,13 @@ class _Counting:
     if not hasattr(self, "report"):
       self.report = collections.Counter()
     self.report[what] += n
+
+  def _skip(self, what: str, item: str, reason: str, n: int = 1) -> None:
+    """Counts ``what`` and lists ``item`` with ``reason``."""
+    self._count(what, n)
+    if not hasattr(self, "skipped"):
+      self.skipped = []
+    self.skipped.append({"item": item, "reason": reason})
 
 
 @dataclasses.dataclass
@@ -142,12 +157,17 @@ class Instructpix2pix(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _emit(self, key, input_image, edited_image, instruction, input_caption, edited_caption):
     if not (instruction or "").strip():
-      self._count("skipped_empty_prompt")
+      self._skip("skipped_empty_prompt", key, "empty edit instruction")
       return None
     try:
-      a, b = _checked_image(input_image), _checked_image(edited_image)
-    except ValueError:
-      self._count("skipped_corrupt_image")
+      a = _checked_image(input_image)
+    except ValueError as e:
+      self._skip("skipped_corrupt_image", key, f"input image: {e}")
+      return None
+    try:
+      b = _checked_image(edited_image)
+    except ValueError as e:
+      self._skip("skipped_corrupt_image", key, f"edited image: {e}")
       return None
     self._count("written")
     return key, dict(input_image=a, edited_image=b, instruction=instruction.strip(),
@@ -163,15 +183,17 @@ class Instructpix2pix(tfds.core.GeneratorBasedBuilder, _Counting):
       folder = os.path.join(root, name)
       prompt_file = os.path.join(folder, "prompt.json")
       if not os.path.isfile(prompt_file):
-        self._count("skipped_missing_folder")
         self._count("skipped_examples_in_missing_folders", len(seeds))
+        self._skip("skipped_missing_folder", name,
+                   f"listed in seeds.json but {name}/prompt.json is missing ({len(seeds)} examples)")
         continue
       with open(prompt_file, encoding="utf-8") as f:
         prompt = json.load(f)
       for seed in seeds:
         paths = [os.path.join(folder, f"{seed}_{i}.jpg") for i in (0, 1)]
-        if not all(os.path.isfile(p) for p in paths):
-          self._count("skipped_missing_image")
+        absent = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+        if absent:
+          self._skip("skipped_missing_image", f"{name}/{seed}", f"missing {', '.join(absent)}")
           continue
         images = [open(p, "rb").read() for p in paths]
         out = self._emit(f"{name}/{seed}", *images, prompt.get("edit", ""),
@@ -180,7 +202,7 @@ class Instructpix2pix(tfds.core.GeneratorBasedBuilder, _Counting):
           yield out
 
   def _from_parquet(self, source: str) -> Iterator:
-    for path, row_id, row in _parquet_rows(source):
+    for path, row_id, row in _parquet_rows(source, HF_COLUMNS):
       image = lambda v: v["bytes"] if isinstance(v, dict) else v
       out = self._emit(f"{os.path.basename(path)}/{row_id}", image(row["original_image"]),
                        image(row["edited_image"]), row.get("edit_prompt"),
@@ -210,12 +232,12 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _emit(self, key, image, text):
     if not (text or "").strip():
-      self._count("skipped_empty_prompt")
+      self._skip("skipped_empty_prompt", key, "empty caption")
       return None
     try:
       image = _checked_image(image)
-    except ValueError:
-      self._count("skipped_corrupt_image")
+    except ValueError as e:
+      self._skip("skipped_corrupt_image", key, str(e))
       return None
     self._count("written")
     return key, dict(image=image, caption=text.strip())
@@ -234,7 +256,7 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
           items.append((path, open(stem + ".txt", encoding="utf-8").read()))
     for path, text in items:
       if not os.path.isfile(path):
-        self._count("skipped_missing_image")
+        self._skip("skipped_missing_image", os.path.relpath(path, root), "no such file")
         continue
       out = self._emit(os.path.relpath(path, root), open(path, "rb").read(), text)
       if out:
@@ -242,7 +264,7 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
 
   def _from_parquet(self, source: str) -> Iterator:
     cfg = self.builder_config
-    for path, row_id, row in _parquet_rows(source):
+    for path, row_id, row in _parquet_rows(source, (cfg.image_column, cfg.text_column)):
       value = row[cfg.image_column]
       out = self._emit(f"{os.path.basename(path)}/{row_id}",
                        value["bytes"] if isinstance(value, dict) else value, row[cfg.text_column])
@@ -250,13 +272,31 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, _Counting):
         yield out
 
 
-def _parquet_rows(source: str) -> Iterator[tuple[str, int, dict]]:
+HF_COLUMNS = ("original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image")
+
+
+def _parquet_files(source: str, columns: tuple[str, ...]) -> list[str]:
+  """The parquet files of ``source``, each checked to hold ``columns``."""
+  import pyarrow
   import pyarrow.parquet as pq
   files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)) \
       if os.path.isdir(source) else [source]
   if not files:
     raise FileNotFoundError(f"{source}: no .parquet files")
   for path in files:
+    try:
+      names = pq.ParquetFile(path).schema_arrow.names
+    except (pyarrow.ArrowException, OSError) as e:
+      raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+      raise ValueError(f"{path}: missing column(s) {missing}; it has {names}")
+  return files
+
+
+def _parquet_rows(source: str, columns: tuple[str, ...]) -> Iterator[tuple[str, int, dict]]:
+  import pyarrow.parquet as pq
+  for path in _parquet_files(source, columns):
     table = pq.ParquetFile(path)
     row_id = 0
     for batch in table.iter_batches(batch_size=256):
@@ -270,12 +310,18 @@ BUILDERS = {"shapes_world": ShapesWorld, "instructpix2pix": Instructpix2pix,
 
 
 def build(kind: str, out_dir: str, config: tfds.core.BuilderConfig) -> tuple[str, dict]:
-  """Builds dataset ``kind`` into ``out_dir``; returns (dataset folder, report counts)."""
+  """Builds dataset ``kind`` into ``out_dir``; returns (dataset folder, report): counts,
+  and under ``"skipped"`` each skipped item with the reason."""
   if kind not in BUILDERS:
     raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(BUILDERS)}")
+  if kind != "shapes_world" and config.format in ("hf-parquet", "parquet"):
+    _parquet_files(config.source, HF_COLUMNS if kind == "instructpix2pix"  # before any writing
+                   else (config.image_column, config.text_column))
   builder = BUILDERS[kind](data_dir=out_dir, config=config, file_format="array_record")
   builder.download_and_prepare()
   report = dict(getattr(builder, "report", {}))  # empty when the dataset already existed
+  if report and kind != "shapes_world":  # generated data has nothing to skip
+    report["skipped"] = list(getattr(builder, "skipped", []))
   path = builder.data_dir
   report_file = os.path.join(path, "build_report.json")
   if report:
@@ -285,6 +331,65 @@ def build(kind: str, out_dir: str, config: tfds.core.BuilderConfig) -> tuple[str
     with open(report_file, encoding="utf-8") as f:
       report = json.load(f)
   return path, report
+
+
+IMPORT_RECORD = "import.json"
+
+
+def import_source(kind: str, out_dir: str, config: SourceConfig, *,
+                  overwrite: bool = False) -> tuple[str, dict, bool]:
+  """``ip2p data import``: builds ``config.source`` into ``out_dir`` and records the
+  source in ``OUT/import.json``. A non-empty ``out_dir`` holding anything but an import
+  of this same source (path and format) is a ValueError saying how to proceed, unless
+  ``overwrite``, which first deletes the earlier import (its dataset folders and record).
+  Returns (dataset folder, report, whether it was built now)."""
+  wanted = {"kind": kind, "source": os.path.abspath(config.source), "format": config.format,
+            "image_column": config.image_column, "text_column": config.text_column}
+  record_file = os.path.join(out_dir, IMPORT_RECORD)
+  previous = _read_record(record_file)
+  entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"--out {out_dir}: exists and is not a folder")
+  same = previous == wanted
+  if entries and not same:
+    if not overwrite:
+      what = (f"an import of {previous['source']} ({previous['format']})" if previous
+              else f"{len(entries)} other entries ({', '.join(sorted(entries)[:3])}...)")
+      raise ValueError(f"--out {out_dir} is not empty: it holds {what}; pass --overwrite to "
+                       "replace it, or choose another --out")
+    _remove_import(out_dir, entries)
+  built_before = same and bool(entries)
+  path, report = build(kind, out_dir, config)
+  with atomic_write(record_file, "w", encoding="utf-8") as f:
+    json.dump(wanted, f, indent=2)
+  return path, report, not built_before
+
+
+def _read_record(path: str) -> dict | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _remove_import(out_dir: str, entries: list[str]) -> None:
+  """Deletes what an import writes into ``out_dir``: TFDS dataset folders and the record.
+  Anything else is left, and refused (the caller must choose another folder)."""
+  is_dataset = lambda full: os.path.isdir(full) and bool(
+      glob.glob(os.path.join(full, "**", "dataset_info.json"), recursive=True))
+  ours = {IMPORT_RECORD, "downloads"}  # TFDS makes downloads/ next to the dataset
+  others = [n for n in entries if n not in ours and not is_dataset(os.path.join(out_dir, n))]
+  if others:
+    raise ValueError(f"--out {out_dir}: --overwrite replaces only an earlier dataset, but it "
+                     f"also holds {sorted(others)[:5]}; choose another --out")
+  for name in entries:
+    full = os.path.join(out_dir, name)
+    if os.path.isdir(full):
+      shutil.rmtree(full)
+    else:
+      os.unlink(full)
 
 
 def find_dataset(path: str) -> str:
