@@ -24,3 +24,54 @@ def test_chunked_attention_refuses_masks():
   q = np.zeros((1, 4, 1, 8), np.float32)
   with pytest.raises(ValueError, match="does not take masks"):
     layers.dot_product_attention(q, q, q, is_causal=True, implementation="chunked")
+
+
+def _score_dtypes(fn, *args) -> list:
+  """The operand dtypes of every dot product in ``fn``'s program (scan bodies included)."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("implementation", [None, "chunked", "xla"])
+def test_upcast_attention_computes_scores_in_float32(implementation):
+  import jax.numpy as jnp
+  q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((1, 16, 2, 8)), jnp.bfloat16)
+             for i in range(3))
+  attend = lambda upcast: (lambda q, k, v: layers.dot_product_attention(
+      q, k, v, implementation=implementation, upcast=upcast))
+  plain, upcast = _score_dtypes(attend(False), q, k, v), _score_dtypes(attend(True), q, k, v)
+  if implementation != "xla":  # jax.nn's XLA path is not a plain dot_general program
+    assert plain[0] == ("bfloat16", "bfloat16") and upcast[0] == ("float32", "float32")
+  out = attend(True)(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  exact = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+  assert np.abs(np.asarray(out, np.float32) - np.asarray(exact)).max() < 0.05
+
+
+def test_unet_config_upcast_attention_reaches_the_attention():
+  """``upcast_attention`` in a UNet config.json changes the program: float32 scores."""
+  import jax.numpy as jnp
+  from ip2p_jax.models import unet
+  raw = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+             cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+  x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 8))
+  counts = {}
+  for upcast in (False, True):
+    model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict({**raw, "upcast_attention": upcast}),
+                                      dtype=jnp.bfloat16, attention_implementation="chunked")
+    params = model.init(jax.random.key(0), x, t, ctx)
+    dots = _score_dtypes(lambda p: model.apply(p, x, t, ctx), params)
+    counts[upcast] = sum(d == ("float32", "float32") for d in dots)
+  # 4 transformers (1 in down block 0, 1 mid, 2 in up block 1: layers_per_block + 1)
+  # x 2 attentions (self, cross) x 1 score product each.
+  assert counts[True] - counts[False] == 8

@@ -4,11 +4,11 @@ Everything is NHWC. Sub-module names follow diffusers/transformers so that
 converting a PyTorch state dict is one short table (``checkpoints.formats``):
 a PyTorch list entry ``resnets.0`` is the Flax module ``resnets_0``.
 
-All attention in the package goes through :func:`dot_product_attention`; it is
-the single place to swap the kernel (XLA, cuDNN flash attention on GPU) and the
-hook later features use (Prompt-to-Prompt records and injects self-attention
-maps there; LoRA / Custom Diffusion select the ``to_q``/``to_k``/``to_v``/
-``to_out_0`` projections by name).
+All attention in the package goes through :func:`dot_product_attention`, the
+one place that picks the kernel (XLA, cuDNN flash attention on GPU, or a
+chunked form for CPU) and, with ``upcast``, computes the scores in float32.
+Attention projections keep diffusers' names (``to_q``, ``to_k``, ``to_v``,
+``to_out_0``), so a state dict converts by a short table.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def activation(name: str):
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                           mask: jax.Array | None = None, is_causal: bool = False,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, upcast: bool = False) -> jax.Array:
   """Softmax attention, ``[batch, length, heads, head_dim]`` in and out.
 
   The one attention function of the package. ``implementation``:
@@ -94,16 +94,26 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (cuDNN's fused flash
       kernel on NVIDIA GPUs, bf16/fp16 only);
     * "chunked": :func:`chunked_attention`.
+  ``upcast``: query and key (and so the scores and the softmax) in float32, the
+  output in the input dtype (diffusers' ``upcast_attention``); not with "cudnn".
   """
   if implementation is None:
     unmasked = mask is None and not is_causal
     implementation = "chunked" if unmasked and jax.default_backend() == "cpu" else None
+  dtype = query.dtype
+  if upcast and dtype != jnp.float32:
+    if implementation == "cudnn":
+      raise ValueError("upcast attention computes scores in float32, which cuDNN's fused "
+                       "kernel does not take; use implementation='xla' or None")
+    query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    if implementation != "chunked":
+      value = value.astype(jnp.float32)  # jax.nn's kernels take one dtype
   if implementation == "chunked":
     if mask is not None or is_causal:
       raise ValueError("chunked attention does not take masks; use implementation='xla'")
-    return chunked_attention(query, key, value)
+    return chunked_attention(query, key, value).astype(dtype)
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
-                                      implementation=implementation)
+                                      implementation=implementation).astype(dtype)
 
 
 def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -151,6 +161,7 @@ class Attention(nn.Module):
   implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  upcast: bool = False  # scores in float32 (see dot_product_attention)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
@@ -164,7 +175,7 @@ class Attention(nn.Module):
     v = dense(inner, (kv_axis, ax.HEADS), use_bias=self.qkv_bias, name=self.names[2], **kw)(context)
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
     out = dot_product_attention(split(q), split(k), split(v), mask=mask, is_causal=is_causal,
-                                implementation=self.implementation)
+                                implementation=self.implementation, upcast=self.upcast)
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(self.out_features or x.shape[-1], (ax.HEADS, ax.EMBED), name=self.names[3],
                  **kw)(out)

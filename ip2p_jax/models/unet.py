@@ -6,8 +6,8 @@ image latent, concatenated on channels). NHWC in and out::
 
     eps = UNet2DConditionModel(config).apply({"params": p}, sample, timesteps, context)
 
-Guidance distillation would add a guidance-scale embedding to ``emb`` in
-``__call__``; LoRA/Custom Diffusion target the attention projections by name.
+Attention scores are computed in float32 when the config says
+``upcast_attention`` (Stable Diffusion 2.x does), as diffusers does.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class UNetConfig:
   transformer_layers_per_block: int | tuple[int, ...] = 1
   attention_head_dim: int | tuple[int, ...] = 8  # diffusers' name; it is the number of heads
   use_linear_projection: bool = False
-  upcast_attention: bool = False  # softmax in fp32; ours always accumulates in fp32
+  upcast_attention: bool = False  # attention scores and softmax in float32
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
 
@@ -112,6 +112,7 @@ class Transformer2DModel(nn.Module):
   attention_implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  upcast: bool = False  # attention scores in float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -125,8 +126,8 @@ class Transformer2DModel(nn.Module):
       y = layers.conv(inner, 1, name="proj_in", **kw)(y).reshape(b, h * w, inner)
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.only_cross_attention,
-                                self.attention_implementation, name=f"transformer_blocks_{i}",
-                                **kw)(y, context)
+                                self.attention_implementation, upcast=self.upcast,
+                                name=f"transformer_blocks_{i}", **kw)(y, context)
     if self.use_linear_projection:
       y = layers.dense(c, (ax.EMBED, ax.EMBED), name="proj_out", **kw)(y).reshape(b, h, w, c)
     else:
@@ -142,12 +143,13 @@ class BasicTransformerBlock(nn.Module):
   attention_implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  upcast: bool = False  # attention scores in float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, head_dim=self.head_dim,
-                implementation=self.attention_implementation, **kw)
+                implementation=self.attention_implementation, upcast=self.upcast, **kw)
     h = layers.layer_norm(1e-5, name="norm1", **kw)(x)
     x = x + layers.Attention(name="attn1", **attn)(
         h, context if self.only_cross_attention else None)
@@ -192,7 +194,7 @@ class DownBlock(nn.Module):
         x = _transformer_cls(self.remat)(
             self.heads, self.out_channels // self.heads, self.depth, cfg.norm_num_groups,
             cfg.use_linear_projection, self.only_cross_attention, self.attention_implementation,
-            name=f"attentions_{i}", **kw)(x, context)
+            upcast=cfg.upcast_attention, name=f"attentions_{i}", **kw)(x, context)
       states.append(x)
     if self.add_downsample:
       x = layers.Downsample2D(self.out_channels, cfg.downsample_padding,
@@ -227,7 +229,7 @@ class UpBlock(nn.Module):
         x = _transformer_cls(self.remat)(
             self.heads, self.out_channels // self.heads, self.depth, cfg.norm_num_groups,
             cfg.use_linear_projection, self.only_cross_attention, self.attention_implementation,
-            name=f"attentions_{i}", **kw)(x, context)
+            upcast=cfg.upcast_attention, name=f"attentions_{i}", **kw)(x, context)
     if self.add_upsample:
       x = layers.Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, upsample_size)
     return x
@@ -253,7 +255,8 @@ class MidBlock(nn.Module):
     x = resnet(0)(x, temb)
     x = _transformer_cls(self.remat)(
         self.heads, c // self.heads, self.depth, cfg.norm_num_groups, cfg.use_linear_projection,
-        False, self.attention_implementation, name="attentions_0", **kw)(x, context)
+        False, self.attention_implementation, upcast=cfg.upcast_attention, name="attentions_0",
+        **kw)(x, context)
     return resnet(1)(x, temb)
 
 
