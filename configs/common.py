@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.max_resize = 1.0
   c.data.flip = True
+  c.data.latents = ""              # a latent cache file (ip2p data cache): skip the encoders
   c.data.shapes = ml_collections.ConfigDict(
       dict(size=32, num_train=64, num_heldout=8, seed=0))
 
@@ -65,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.conditioning_dropout = 0.05    # IP2P: 5% text only, 5% both, 5% image only
   c.caption_dropout = 0.1          # stage 1
   c.kl_weight = 1e-6               # VAE
+  c.vae_crop = 0                   # VAE: train on random crops of this size (0: whole images)
+  c.min_snr_gamma = 0.0            # diffusion: Min-SNR-gamma loss weights (0: plain MSE)
 
   c.total_steps = 4
   c.checkpoint_every = 2
@@ -73,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every = 0               # 0: only at the end
   c.num_samples = 4
   c.sample_steps = 10
+  c.eval_every = 0                 # IP2P: held-out shapes-world edit success every N steps
+  c.eval_num = 32
+  c.eval_steps = 50                # the CLI's default sampling settings
+  c.eval_seed = 0
+  c.eval_batch_size = 32
   c.export = True
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

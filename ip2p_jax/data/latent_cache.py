@@ -1,11 +1,14 @@
 """A latent cache: VAE latents and text embeddings precomputed into an ArrayRecord file,
-so small-scale training skips the frozen encoders.
+so small-scale training skips the frozen encoders (``config.data.latents``: the
+diffusion stages' objectives read these fields instead of images and token ids).
 
 Each record (msgpack via ``flax.serialization``, never pickle) holds, for a triplet:
   ``image_latent``   posterior mode of the input image, unscaled (the IP2P condition);
   ``edited_mean``, ``edited_logvar``  the edited image's posterior, so each epoch can
                      draw a fresh ``scaling_factor * sample`` target;
-  ``text``           the text encoder's last hidden state of the instruction (float16).
+  ``text``           the text encoder's last hidden state of the instruction (float16);
+  ``caption_text``   the same for the edited image's caption (stage 1 trains on
+                     edited image + caption), when the source has captions.
 Images are centre-cropped and resized to ``resolution`` (no random augmentation).
 """
 from __future__ import annotations
@@ -48,12 +51,17 @@ def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
   vae, text_encoder = parts.modules["vae"], parts.modules["text_encoder"]
 
   @jax.jit
-  def encode(params, inputs, edited, ids):
+  def encode(params, inputs, edited, ids, caption_ids):
     to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0
     cond = vae.apply({"params": params["vae"]}, to_unit(inputs), method="encode")
     target = vae.apply({"params": params["vae"]}, to_unit(edited), method="encode")
-    text = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-    return cond.mode(), target.mean, target.logvar, text.astype(jnp.float16)
+    embed = lambda i: text_encoder.apply({"params": params["text_encoder"]},
+                                         i).last_hidden_state.astype(jnp.float16)
+    return cond.mode(), target.mean, target.logvar, embed(ids), embed(caption_ids)
+
+  def text_of(record, key):
+    value = record.get(key, b"")
+    return value.decode() if isinstance(value, bytes) else str(value)
 
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
   count = 0
@@ -61,13 +69,16 @@ def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
     for batch in _batches(source, batch_size):
       inputs = np.stack([_center(r["input_image"], resolution) for r in batch])
       edited = np.stack([_center(r["edited_image"], resolution) for r in batch])
-      texts = [r["instruction"].decode() if isinstance(r["instruction"], bytes)
-               else str(r["instruction"]) for r in batch]
-      ids = tokenizers.tokenize(parts.tokenizer, texts)
-      outs = jax.device_get(encode(parts.params, inputs, edited, ids))
+      ids = tokenizers.tokenize(parts.tokenizer, [text_of(r, "instruction") for r in batch])
+      has_captions = "edited_caption" in batch[0]
+      caption_ids = tokenizers.tokenize(parts.tokenizer,
+                                        [text_of(r, "edited_caption") for r in batch])
+      outs = jax.device_get(encode(parts.params, inputs, edited, ids, caption_ids))
       for j in range(len(batch)):
         record = {"image_latent": outs[0][j], "edited_mean": outs[1][j],
                   "edited_logvar": outs[2][j], "text": outs[3][j]}
+        if has_captions:
+          record["caption_text"] = outs[4][j]
         writer.write(serialization.msgpack_serialize(record))
         count += 1
       if progress:

@@ -164,9 +164,17 @@ def coverage(obj: Obj, size: int) -> np.ndarray:
   n = size * SUPERSAMPLE
   centres = (np.arange(n) + 0.5) / n
   r = obj.radius
-  dx, dy = np.meshgrid((centres - obj.x) / r, (centres - obj.y) / r)
+  # Every shape lies inside its radius: test only the pixels of its bounding box.
+  out = np.zeros((size, size), np.float32)
+  lo_x, hi_x = max(0, int((obj.x - r) * size) - 1), min(size, int((obj.x + r) * size) + 2)
+  lo_y, hi_y = max(0, int((obj.y - r) * size) - 1), min(size, int((obj.y + r) * size) + 2)
+  sx = slice(lo_x * SUPERSAMPLE, hi_x * SUPERSAMPLE)
+  sy = slice(lo_y * SUPERSAMPLE, hi_y * SUPERSAMPLE)
+  dx, dy = np.meshgrid((centres[sx] - obj.x) / r, (centres[sy] - obj.y) / r)
   inside = _inside(obj.shape, dx, dy).astype(np.float32)
-  return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+  out[lo_y:hi_y, lo_x:hi_x] = inside.reshape(hi_y - lo_y, SUPERSAMPLE, hi_x - lo_x,
+                                             SUPERSAMPLE).mean(axis=(1, 3))
+  return out
 
 
 def _background(scene: Scene, size: int) -> np.ndarray:

@@ -106,26 +106,43 @@ def build(config) -> Job:
     if m.init_from:
       parts = load_pipeline(m.init_from, **unet_kw)
       module, loaded = parts.modules["unet"], parts.params["unet"]
-      want = 8 if stage == "instruct_pix2pix" else 4
+      latent = frozen_modules["vae"].config.latent_channels
+      want = 2 * latent if stage == "instruct_pix2pix" else latent
       if module.config.in_channels != want:
         loaded = objectives.expand_conv_in(loaded, want)
         module = module.clone(config=dataclasses.replace(module.config, in_channels=want))
     else:
       module = module_from_config(_dict(m.unet), **unet_kw)
     vae, text = frozen_modules["vae"], frozen_modules["text_encoder"]
-    if stage == "instruct_pix2pix":
+    gamma = config.get("min_snr_gamma", 0.0)
+    if config.data.get("latents"):  # a latent cache: the frozen encoders never run
+      empty_text = np.asarray(text.apply({"params": frozen_params["text_encoder"]},
+                                         empty[None]).last_hidden_state, np.float32)
+      scale = vae.config.scaling_factor
+      if stage == "instruct_pix2pix":
+        loss = objectives.instruct_pix2pix_cached(module, schedule, empty_text, scale,
+                                                  dropout=config.conditioning_dropout,
+                                                  min_snr_gamma=gamma)
+      else:
+        loss = objectives.text_to_image_cached(module, schedule, empty_text, scale,
+                                               caption_dropout=config.caption_dropout,
+                                               min_snr_gamma=gamma)
+    elif stage == "instruct_pix2pix":
       loss = objectives.instruct_pix2pix(module, vae, text, schedule, empty,
-                                         dropout=config.conditioning_dropout)
+                                         dropout=config.conditioning_dropout,
+                                         min_snr_gamma=gamma)
     else:
       loss = objectives.text_to_image(module, vae, text, schedule, empty,
-                                      caption_dropout=config.caption_dropout)
+                                      caption_dropout=config.caption_dropout,
+                                      min_snr_gamma=gamma)
     return Job(stage, module, lambda k: _random_params(module, k), loaded, frozen_modules,
                frozen_params, loss, tokenizer, scheduler_config)
 
   tokenizer = tokenizers.load()
   if stage == "vae":
     module = module_from_config(_dict(m.vae), **kw)
-    loss = objectives.autoencoder(module, kl_weight=config.kl_weight)
+    loss = objectives.autoencoder(module, kl_weight=config.kl_weight,
+                                  crop=config.get("vae_crop", 0))
   else:
     module = module_from_config(_dict(m.clip), **kw)
     loss = objectives.contrastive(module)
@@ -133,8 +150,21 @@ def build(config) -> Job:
              scheduler_config)
 
 
-def export(job: Job, params, folder: str) -> str:
-  """Writes the trained model in diffusers/transformers format; returns the folder."""
+def latent_scaling_factor(vae, params, images: np.ndarray, seed: int = 0) -> float:
+  """``1 / std`` of the VAE's posterior samples of ``images`` (uint8 [N, H, W, 3]):
+  latent diffusion's scale factor (Rombach et al. 2022, Sec. 4.3.2 and Appendix G),
+  which gives the diffusion model unit-variance latents. SD's 0.18215 is this number
+  for SD's VAE on its data; a VAE trained here has its own."""
+  encode = jax.jit(lambda x, k: vae.apply({"params": params}, objectives.to_unit(x),
+                                          method="encode").sample(k))
+  samples = [np.asarray(encode(images[i:i + 64], jax.random.key(seed + i)))
+             for i in range(0, len(images), 64)]
+  return float(1.0 / np.concatenate(samples).std())
+
+
+def export(job: Job, params, folder: str, calibration_images: np.ndarray | None = None) -> str:
+  """Writes the trained model in diffusers/transformers format; returns the folder. A
+  VAE's ``scaling_factor`` is measured on ``calibration_images`` when given."""
   if job.stage in ("instruct_pix2pix", "text_to_image"):
     cls = ("StableDiffusionInstructPix2PixPipeline" if job.stage == "instruct_pix2pix"
            else "StableDiffusionPipeline")
@@ -144,7 +174,11 @@ def export(job: Job, params, folder: str) -> str:
     save_pipeline(folder, parts)
   else:
     name = "vae" if job.stage == "vae" else "clip"
-    save_component(os.path.join(folder, name), job.module, params)
+    module = job.module
+    if job.stage == "vae" and calibration_images is not None:
+      scale = latent_scaling_factor(module, params, calibration_images)
+      module = module.clone(config=dataclasses.replace(module.config, scaling_factor=scale))
+    save_component(os.path.join(folder, name), module, params)
     job.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     if job.stage == "clip":  # the text tower alone, to condition a UNet
       text = CLIPTextModel(job.module.config.text_config)
@@ -153,21 +187,30 @@ def export(job: Job, params, folder: str) -> str:
   return folder
 
 
-def samples(job: Job, params, examples: list[dict], steps: int, seed: int = 0) -> np.ndarray:
-  """A picture of what the model does on fixed examples (rows), as uint8 [H, W, 3]:
-  IP2P input | target | edit; text-to-image generations; VAE input | reconstruction."""
+def pipeline(job: Job, params):
+  """The diffusion stage's pipeline over in-memory ``params`` (UNet) and the frozen
+  encoders, for samples and evaluation during training."""
   from ip2p_jax.pipelines import InstructPix2PixPipeline, TextToImagePipeline
   parts = PipelineParts({"unet": job.module, **job.frozen_modules},
                         {"unet": params, **job.frozen_params}, job.tokenizer,
                         job.scheduler_config, {})
+  cls = InstructPix2PixPipeline if job.stage == "instruct_pix2pix" else TextToImagePipeline
+  return cls(parts)
+
+
+def samples(job: Job, params, examples: list[dict], steps: int,
+            seed: int = 0) -> np.ndarray | None:
+  """A picture of what the model does on fixed examples (rows), as uint8 [H, W, 3]:
+  IP2P input | target | edit; text-to-image generations; VAE input | reconstruction;
+  None for CLIP."""
   if job.stage == "instruct_pix2pix":
-    pipe = InstructPix2PixPipeline(parts)
+    pipe = pipeline(job, params)
     out = pipe([e["instruction"] for e in examples], [e["input_image"] for e in examples],
                num_inference_steps=steps, seed=seed, output_type="np").images
     rows = [np.concatenate([e["input_image"], e["edited_image"],
                             (o * 255).round().astype(np.uint8)], 1) for e, o in zip(examples, out)]
   elif job.stage == "text_to_image":
-    pipe = TextToImagePipeline(parts)
+    pipe = pipeline(job, params)
     size = examples[0]["image"].shape[0]
     out = pipe([e["caption"] for e in examples], height=size, width=size,
                num_inference_steps=steps, seed=seed, output_type="np").images
@@ -178,6 +221,6 @@ def samples(job: Job, params, examples: list[dict], steps: int, seed: int = 0) -
     recon, _ = job.module.apply({"params": params}, x)
     recon = ((np.asarray(recon) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
     rows = [np.concatenate([e["image"], r], 1) for e, r in zip(examples, recon)]
-  else:
-    return np.zeros((8, 8, 3), np.uint8)
+  else:  # CLIP: no picture (its accuracy is in the metrics)
+    return None
   return np.concatenate(rows, 0)

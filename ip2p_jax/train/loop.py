@@ -90,6 +90,13 @@ def _source(path: str, split: str, stage: str):
 
 
 def _loader(config, source, stage: str, tokenizer):
+  if config.data.get("latents"):
+    from ip2p_jax.data import latent_cache
+    cache = latent_cache.LatentCacheSource(config.data.latents)
+    return latent_cache.make_loader(
+        cache, latent_cache.LatentLoaderConfig(batch_size=config.batch_size // jax.process_count(),
+                                               seed=config.seed),
+        shard_index=jax.process_index(), shard_count=jax.process_count())
   fields, text = jobs.DATA[stage]
   per_process = config.batch_size // jax.process_count()
   pipe = ip.PipelineConfig(resolution=config.data.resolution, batch_size=per_process,
@@ -173,6 +180,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     compiled, flops, peak = None, None, _peak_tflops(config)
     metrics, last_time, last_step = {}, time.time(), start
     samples_every = config.get("sample_every") or 0
+    evaluate_every = (config.get("eval_every") or 0) if config.stage == "instruct_pix2pix" else 0
+    eval_cache: dict = {}
     try:
       for step in range(start, config.total_steps):
         local = next(data_iter)
@@ -195,16 +204,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
           now = time.time()
           seconds = (now - last_time) / max(1, done - last_step)
           record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          record.update(step=done, examples_per_s=config.batch_size / seconds,
-                        corrupt_skipped=int(local["corrupt_skipped"].sum()))
+          record.update(step=done, examples_per_s=config.batch_size / seconds)
+          if "corrupt_skipped" in local:
+            record["corrupt_skipped"] = int(local["corrupt_skipped"].sum())
           if flops and peak:
             record["mfu"] = flops / seconds / (peak * 1e12)
           writer.write(record)
           last_time, last_step = now, done
         if done % config.checkpoint_every == 0 or done == config.total_steps:
           save(done)
-        if samples_every and (done % samples_every == 0 or done == config.total_steps):
+        if (samples_every and done % samples_every == 0) or done == config.total_steps:
           _write_samples(config, job, state, dataset, done, workdir)
+        if evaluate_every and (done % evaluate_every == 0 or done == config.total_steps):
+          writer.write({"step": done, **_evaluate(config, job, state, done, workdir, eval_cache)})
         if stop or (jax.process_count() > 1 and manager.reached_preemption(done)):
           if manager.latest_step() != done:
             save(done)
@@ -220,7 +232,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if final_step == config.total_steps and config.get("export", True):
       ema = _gather(state.ema_params)
       if jax.process_index() == 0:
-        export = jobs.export(job, ema, os.path.join(workdir, "export"))
+        calibration = _calibration_images(config, dataset) if config.stage == "vae" else None
+        export = jobs.export(job, ema, os.path.join(workdir, "export"), calibration)
   return {"step": final_step, "metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},
           "export": export, "state": state}
 
@@ -230,6 +243,45 @@ def _gather(tree):
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _calibration_images(config, dataset, count: int = 512) -> np.ndarray:
+  """The first ``count`` training images at the training resolution (uint8), from which
+  the VAE export measures its latent scaling factor."""
+  from PIL import Image
+  source = _source(dataset, config.data.split, "vae")
+  res = config.data.resolution
+  images = [np.asarray(Image.fromarray(source[i]["image"]).resize((res, res),
+                                                                  Image.Resampling.BICUBIC))
+            for i in range(min(count, len(source)))]
+  return np.stack(images)
+
+
+def _evaluate(config, job, state, step, workdir, cache: dict) -> dict:
+  """Held-out edit success of the EMA model during training (``eval_every``): the first
+  ``eval_num`` examples of the shapes world's held-out split at the training resolution,
+  edited with the CLI's default guidance and ``eval_steps`` steps and scored against their
+  exact targets (``ip2p_jax.metrics``). Returns the metrics logged as ``eval/...``; the
+  edits are drawn in ``WORKDIR/eval/step_N.png``. The pipeline (and so its compiled
+  sampler) is built once per run and kept in ``cache``."""
+  from ip2p_jax import metrics
+  from ip2p_jax.images import save
+  from ip2p_jax.metrics import report
+  ema = _gather(state.ema_params)
+  if jax.process_index() != 0:
+    return {}
+  if "pipe" not in cache:
+    cache["pipe"] = jobs.pipeline(job, ema)
+    cache["examples"] = metrics.heldout_examples(config.eval_num, config.data.resolution,
+                                                 seed=config.eval_seed)
+  examples = cache["examples"]
+  result = metrics.evaluate(cache["pipe"], examples, num_inference_steps=config.eval_steps,
+                            seed=config.eval_seed, batch_size=config.eval_batch_size,
+                            params={**cache["pipe"].params, "unet": ema})
+  rows = report.sheet_rows([e.edit_type for e in examples], min(22, len(examples)))
+  save(report.sheet(examples, result["outputs"], result["examples"], rows),
+       os.path.join(workdir, "eval", f"step_{step:07d}.png"))
+  return metrics.scalars(result)
 
 
 def _write_samples(config, job, state, dataset, step, workdir):
@@ -253,4 +305,6 @@ def _write_samples(config, job, state, dataset, step, workdir):
         record[k] = np.asarray(Image.fromarray(v).resize((res, res), Image.Resampling.BICUBIC))
     examples.append(record)
   grid = jobs.samples(job, ema, examples, config.sample_steps)
+  if grid is None:  # the stage has no picture to show (CLIP)
+    return
   save(Image.fromarray(grid), os.path.join(workdir, "samples", f"step_{step:07d}.png"))

@@ -46,41 +46,102 @@ def expand_conv_in(unet_params: dict, in_channels: int) -> dict:
   return new
 
 
+def snr_weights(schedule: schedules.ScheduleConfig, t: jax.Array, gamma: float) -> jax.Array:
+  """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via
+  Min-SNR Weighting Strategy"): each timestep's loss is weighted so that it counts as
+  ``min(SNR, gamma)`` in x0-space. For epsilon targets that is ``min(SNR, gamma) / SNR``,
+  for v targets ``min(SNR, gamma) / (SNR + 1)``, for x0 targets ``min(SNR, gamma)``.
+  ``gamma = 0`` gives weight 1 (plain MSE)."""
+  if not gamma:
+    return jnp.ones(t.shape, jnp.float32)
+  ac = jnp.asarray(schedules.alphas_cumprod(schedule))[t]
+  snr = ac / (1 - ac)
+  clipped = jnp.minimum(snr, gamma)
+  if schedule.prediction_type == "epsilon":
+    return clipped / snr
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (snr + 1)
+  return clipped
+
+
+def _diffusion_mse(unet, schedule, params, x0, cond, text, rng, min_snr_gamma):
+  """Weighted MSE of the UNet's prediction at uniform random timesteps; ``cond`` (or
+  None) is concatenated to the noisy latent on the channel axis, noisy latent first."""
+  k_noise, k_t = jax.random.split(rng)
+  b = x0.shape[0]
+  noise = jax.random.normal(k_noise, x0.shape)
+  t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+  noisy, target = _noise_targets(schedule, x0, noise, t)
+  inputs = noisy if cond is None else jnp.concatenate([noisy, cond], -1)
+  pred = unet.apply({"params": params}, inputs, t, text)
+  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+  mse = jnp.mean(per_example)
+  loss = jnp.mean(snr_weights(schedule, t, min_snr_gamma) * per_example)
+  return loss, {"loss": loss, "mse": mse}
+
+
+def _sample_posterior(mean, logvar, rng):
+  return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape)
+
+
+def _ip2p_dropout(text, empty, image_latent, rng, dropout):
+  """Conditioning dropout of Brooks et al. 2023, r ~ U(0, 1) per example: the text is
+  replaced by the empty prompt's embedding if r < 2p, the image latent zeroed if
+  p <= r < 3p (p = 0.05: 5% text only, 5% both, 5% image only)."""
+  r = jax.random.uniform(rng, (text.shape[0], 1, 1))
+  text = jnp.where(r < 2 * dropout, empty, text)
+  image_latent = image_latent * (1.0 - ((r >= dropout) & (r < 3 * dropout))[..., None])
+  return text, image_latent
+
+
 def instruct_pix2pix(unet, vae, text_encoder, schedule: schedules.ScheduleConfig,
-                     empty_ids: np.ndarray, *, dropout: float = 0.05) -> Loss:
-  """Stage 2 (Brooks et al. 2023): predict the noise of the edited image's latent from
-  [noisy latent, input image latent] and the instruction. Target latent =
-  scaling_factor x posterior sample; condition = posterior mode, unscaled.
-  Conditioning dropout, r ~ U(0, 1) per example: the text is replaced by the empty
-  prompt's embedding if r < 2p, the image latent zeroed if p <= r < 3p (p = 0.05:
-  5% text only, 5% both, 5% image only)."""
+                     empty_ids: np.ndarray, *, dropout: float = 0.05,
+                     min_snr_gamma: float = 0.0) -> Loss:
+  """Stage 2 (Brooks et al. 2023): predict the noise (or v) of the edited image's latent
+  from [noisy latent, input image latent] and the instruction, with the conditioning
+  dropout of ``_ip2p_dropout``. Target latent = scaling_factor x posterior sample;
+  condition = posterior mode, unscaled."""
   scale = vae.config.scaling_factor
   empty_ids = jnp.asarray(empty_ids)
 
   def loss(params, frozen, batch, rng):
-    k_post, k_noise, k_t, k_drop = jax.random.split(rng, 4)
-    b = batch["input_ids"].shape[0]
+    k_post, k_drop, k_diff = jax.random.split(rng, 3)
     encode = lambda x: vae.apply({"params": frozen["vae"]}, to_unit(x), method="encode")
     target_latent = encode(batch["edited_image"]).sample(k_post) * scale
     image_latent = encode(batch["input_image"]).mode()
     text = text_encoder.apply({"params": frozen["text_encoder"]},
                               jnp.concatenate([batch["input_ids"], empty_ids[None]])
                               ).last_hidden_state
-    text, empty = text[:-1], text[-1:]
-    r = jax.random.uniform(k_drop, (b, 1, 1))
-    text = jnp.where(r < 2 * dropout, empty, text)
-    image_latent = image_latent * (1.0 - ((r >= dropout) & (r < 3 * dropout))[..., None])
-    noise = jax.random.normal(k_noise, target_latent.shape)
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-    noisy, target = _noise_targets(schedule, target_latent, noise, t)
-    pred = unet.apply({"params": params}, jnp.concatenate([noisy, image_latent], -1), t, text)
-    mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-    return mse, {"loss": mse}
+    text, image_latent = _ip2p_dropout(text[:-1], text[-1:], image_latent, k_drop, dropout)
+    return _diffusion_mse(unet, schedule, params, target_latent, image_latent, text, k_diff,
+                          min_snr_gamma)
+  return loss
+
+
+def instruct_pix2pix_cached(unet, schedule: schedules.ScheduleConfig, empty_text: np.ndarray,
+                            scaling_factor: float, *, dropout: float = 0.05,
+                            min_snr_gamma: float = 0.0) -> Loss:
+  """``instruct_pix2pix`` on a latent cache (``ip2p_jax.data.latent_cache``): the batch
+  holds the input's posterior mode, the edited image's posterior (mean, logvar) and the
+  instruction's text states, so the frozen encoders never run. ``empty_text`` is the
+  text encoder's output for "" ([1, 77, D])."""
+  empty_text = jnp.asarray(empty_text, jnp.float32)
+
+  def loss(params, frozen, batch, rng):
+    del frozen
+    k_post, k_drop, k_diff = jax.random.split(rng, 3)
+    target_latent = _sample_posterior(batch["edited_mean"], batch["edited_logvar"],
+                                      k_post) * scaling_factor
+    text, image_latent = _ip2p_dropout(batch["text"].astype(jnp.float32), empty_text,
+                                       batch["image_latent"], k_drop, dropout)
+    return _diffusion_mse(unet, schedule, params, target_latent, image_latent, text, k_diff,
+                          min_snr_gamma)
   return loss
 
 
 def text_to_image(unet, vae, text_encoder, schedule: schedules.ScheduleConfig,
-                  empty_ids: np.ndarray, *, caption_dropout: float = 0.1) -> Loss:
+                  empty_ids: np.ndarray, *, caption_dropout: float = 0.1,
+                  min_snr_gamma: float = 0.0) -> Loss:
   """Stage 1: latent-diffusion noise prediction (epsilon, or v with v_prediction) on
   image-caption pairs; captions dropped to "" with ``caption_dropout`` so the model
   also learns the unconditional prediction used by classifier-free guidance."""
@@ -88,7 +149,7 @@ def text_to_image(unet, vae, text_encoder, schedule: schedules.ScheduleConfig,
   empty_ids = jnp.asarray(empty_ids)
 
   def loss(params, frozen, batch, rng):
-    k_post, k_noise, k_t, k_drop = jax.random.split(rng, 4)
+    k_post, k_drop, k_diff = jax.random.split(rng, 3)
     b = batch["input_ids"].shape[0]
     latent = vae.apply({"params": frozen["vae"]}, to_unit(batch["image"]),
                        method="encode").sample(k_post) * scale
@@ -97,28 +158,63 @@ def text_to_image(unet, vae, text_encoder, schedule: schedules.ScheduleConfig,
                               ).last_hidden_state
     drop = jax.random.uniform(k_drop, (b, 1, 1)) < caption_dropout
     text = jnp.where(drop, text[-1:], text[:-1])
-    noise = jax.random.normal(k_noise, latent.shape)
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-    noisy, target = _noise_targets(schedule, latent, noise, t)
-    pred = unet.apply({"params": params}, noisy, t, text)
-    mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-    return mse, {"loss": mse}
+    return _diffusion_mse(unet, schedule, params, latent, None, text, k_diff, min_snr_gamma)
   return loss
 
 
+def text_to_image_cached(unet, schedule: schedules.ScheduleConfig, empty_text: np.ndarray,
+                         scaling_factor: float, *, caption_dropout: float = 0.1,
+                         min_snr_gamma: float = 0.0) -> Loss:
+  """``text_to_image`` on a latent cache: the edited image's posterior and its caption's
+  text states (``edited_mean``, ``edited_logvar``, ``caption_text``)."""
+  empty_text = jnp.asarray(empty_text, jnp.float32)
+
+  def loss(params, frozen, batch, rng):
+    del frozen
+    k_post, k_drop, k_diff = jax.random.split(rng, 3)
+    latent = _sample_posterior(batch["edited_mean"], batch["edited_logvar"],
+                               k_post) * scaling_factor
+    text = batch["caption_text"].astype(jnp.float32)
+    drop = jax.random.uniform(k_drop, (text.shape[0], 1, 1)) < caption_dropout
+    text = jnp.where(drop, empty_text, text)
+    return _diffusion_mse(unet, schedule, params, latent, None, text, k_diff, min_snr_gamma)
+  return loss
+
+
+def random_crop(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+  """One random ``size`` x ``size`` window of a batch ``[B, H, W, C]`` (the same window
+  for the whole batch; ``size`` 0 or >= the image returns the batch unchanged)."""
+  h, w = images.shape[1:3]
+  if not size or size >= min(h, w):
+    return images
+  ky, kx = jax.random.split(rng)
+  y = jax.random.randint(ky, (), 0, h - size + 1)
+  x = jax.random.randint(kx, (), 0, w - size + 1)
+  return jax.lax.dynamic_slice(images, (0, y, x, 0), (images.shape[0], size, size,
+                                                      images.shape[3]))
+
+
 def autoencoder(vae, *, kl_weight: float = 1e-6, perceptual=None,
-                perceptual_weight: float = 0.0, image_field: str = "image") -> Loss:
+                perceptual_weight: float = 0.0, image_field: str = "image",
+                crop: int = 0) -> Loss:
   """VAE: L1 reconstruction of a posterior sample's decoding + ``kl_weight`` x KL to
   N(0, I) (latent diffusion's KL-f8 objective, without the adversarial term).
+  ``crop`` > 0 trains on random ``crop`` x ``crop`` windows, as latent diffusion
+  trained its autoencoders: a convolutional VAE (no mid-block attention) learns the
+  same function from a fraction of the pixels.
   ``perceptual(x, y) -> [B]`` adds a feature-space distance (e.g. CLIP vision
   features) weighted by ``perceptual_weight``."""
   def loss(params, frozen, batch, rng):
-    x = to_unit(batch[image_field])
-    recon, posterior = vae.apply({"params": params}, x, rng)
-    rec = jnp.mean(jnp.abs(recon.astype(jnp.float32) - x))
+    k_crop, k_post = jax.random.split(rng)
+    x = random_crop(to_unit(batch[image_field]), crop, k_crop)
+    recon, posterior = vae.apply({"params": params}, x, k_post)
+    error = recon.astype(jnp.float32) - x
+    rec = jnp.mean(jnp.abs(error))
     kl = jnp.mean(posterior.kl())
     total = rec + kl_weight * kl
-    metrics = {"reconstruction": rec, "kl": kl}
+    # PSNR in [0, 1] pixel units, of the batch (a posterior sample's decoding).
+    psnr = -10 * jnp.log10(jnp.mean(jnp.square(error / 2)) + 1e-12)
+    metrics = {"reconstruction": rec, "kl": kl, "psnr": psnr}
     if perceptual is not None and perceptual_weight > 0:
       p = jnp.mean(perceptual(frozen, recon, x))
       total = total + perceptual_weight * p

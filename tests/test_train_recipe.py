@@ -1,0 +1,165 @@
+"""The default model's training levers: Min-SNR weights, v-prediction targets, VAE crops,
+the measured latent scaling factor and training from a latent cache."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from configs import tiny_ip2p, tiny_t2i, tiny_vae
+from ip2p_jax.diffusion import schedules
+from ip2p_jax.train import jobs, objectives
+from ip2p_jax.train.loop import _loader, _source, train_and_evaluate
+
+
+def _schedule(prediction_type):
+  return schedules.ScheduleConfig(prediction_type=prediction_type, beta_schedule="scaled_linear",
+                                  beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_match_closed_form(prediction_type):
+  """Hang et al. 2023, Eq. (8)-(10): the weight makes every timestep count as
+  min(SNR, gamma) in x0-space; gamma = 0 is plain MSE."""
+  schedule = _schedule(prediction_type)
+  t = jnp.array([0, 100, 500, 999])
+  ac = schedules.alphas_cumprod(schedule)[np.asarray(t)]
+  snr = ac / (1 - ac)
+  expected = {"epsilon": np.minimum(snr, 5) / snr, "v_prediction": np.minimum(snr, 5) / (snr + 1),
+              "sample": np.minimum(snr, 5)}[prediction_type]
+  np.testing.assert_allclose(objectives.snr_weights(schedule, t, 5.0), expected, rtol=1e-5)
+  np.testing.assert_array_equal(objectives.snr_weights(schedule, t, 0.0), np.ones(4))
+
+
+def test_v_prediction_target_recovers_clean_latent():
+  """v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022): x0 = sqrt(a) x_t - sqrt(1-a) v."""
+  schedule = _schedule("v_prediction")
+  x0, eps = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 2))
+  t = jnp.array([10, 200, 700])
+  noisy, v = objectives._noise_targets(schedule, x0, eps, t)
+  ac = schedules.alphas_cumprod(schedule)[np.asarray(t)].reshape(-1, 1, 1, 1)
+  np.testing.assert_allclose(np.sqrt(ac) * noisy - np.sqrt(1 - ac) * v, x0, atol=1e-5)
+
+
+def test_random_crop_is_a_window_of_the_batch():
+  images = jnp.arange(2 * 16 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 16, 3)
+  crop = np.asarray(objectives.random_crop(images, 8, jax.random.key(3)))
+  assert crop.shape == (2, 8, 8, 3)
+  y, x = np.argwhere(np.asarray(images[0, :, :, 0]) == crop[0, 0, 0, 0])[0]
+  np.testing.assert_array_equal(crop, np.asarray(images[:, y:y + 8, x:x + 8]))
+  assert objectives.random_crop(images, 0, jax.random.key(0)) is images
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory):
+  from ip2p_jax.data import builders
+  out = tmp_path_factory.mktemp("data")
+  path, _ = builders.build("shapes_world", str(out), builders.ShapesWorldConfig(
+      name="t", size=32, num_train=16, num_heldout=4, seed=0))
+  return path
+
+
+def test_vae_export_measures_its_scaling_factor(shapes_dataset, tmp_path):
+  """The exported VAE's scaling_factor is 1 / std of its posterior samples on the
+  training images (latent diffusion's recipe), not SD's 0.18215."""
+  c = tiny_vae.get_config()
+  c.data.path, c.total_steps, c.vae_crop = shapes_dataset, 2, 16
+  summary = train_and_evaluate(c, str(tmp_path))
+  with open(os.path.join(summary["export"], "vae", "config.json")) as f:
+    scale = json.load(f)["scaling_factor"]
+  from ip2p_jax.checkpoints import load_component
+  from ip2p_jax.train.loop import _calibration_images
+  vae, params = load_component(os.path.join(summary["export"], "vae"))
+  images = _calibration_images(c, shapes_dataset)
+  latents = np.concatenate([
+      np.asarray(vae.apply({"params": params}, objectives.to_unit(images[i:i + 64]),
+                           method="encode").sample(jax.random.key(i)))
+      for i in range(0, len(images), 64)])
+  assert scale != pytest.approx(0.18215)
+  assert np.std(latents * scale) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["instruct_pix2pix", "text_to_image"])
+def test_cached_objective_equals_the_encoder_objective(stage, shapes_dataset, tmp_path):
+  """The loss on a latent cache is the loss on images (same rng: same posterior sample,
+  dropout, noise and timesteps) up to the cache's float16 text states."""
+  from ip2p_jax.checkpoints import PipelineParts
+  from ip2p_jax.data import builders, latent_cache
+  module = tiny_ip2p if stage == "instruct_pix2pix" else tiny_t2i
+  c = module.get_config()
+  c.data.path, c.data.flip, c.data.max_resize = shapes_dataset, False, 1.0
+  c.min_snr_gamma, c.conditioning_dropout, c.caption_dropout = 5.0, 0.3, 0.3
+  job = jobs.build(c)
+  parts = PipelineParts(job.frozen_modules, job.frozen_params, job.tokenizer, {}, {})
+  source = builders.open_split(shapes_dataset, "train")
+  path = str(tmp_path / "cache.arrayrecord")
+  assert latent_cache.build(source, path, parts, resolution=32, batch_size=8) == 16
+  cache = latent_cache.LatentCacheSource(path)
+  records = [cache[i] for i in range(4)]
+  cached = {k: np.stack([r[k] for r in records]) for k in records[0]}
+  rows = [source[i] for i in range(4)]
+  from ip2p_jax import tokenizer as tokenizers
+  if stage == "instruct_pix2pix":
+    images = {"input_image": np.stack([r["input_image"] for r in rows]),
+              "edited_image": np.stack([r["edited_image"] for r in rows]),
+              "input_ids": tokenizers.tokenize(job.tokenizer,
+                                               [r["instruction"].decode() for r in rows])}
+  else:
+    images = {"image": np.stack([r["edited_image"] for r in rows]),
+              "input_ids": tokenizers.tokenize(job.tokenizer,
+                                               [r["edited_caption"].decode() for r in rows])}
+  c.data.latents = path
+  cached_job = jobs.build(c)
+  params = jax.tree.map(jnp.asarray, nn.unbox(job.init_params(jax.random.key(0))))
+  for seed in range(3):
+    rng = jax.random.key(seed)
+    reference, _ = job.loss(params, job.frozen_params, images, rng)
+    ours, _ = cached_job.loss(params, None, cached, rng)
+    np.testing.assert_allclose(float(ours), float(reference), rtol=2e-3)
+  shuffled = {k: v[::-1] for k, v in cached.items()}
+  assert abs(float(cached_job.loss(params, None, shuffled, rng)[0]) - float(reference)) > 1e-3
+
+
+def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path):
+  from ip2p_jax.checkpoints import PipelineParts
+  from ip2p_jax.data import builders, latent_cache
+  c = tiny_ip2p.get_config()
+  c.data.path, c.total_steps, c.batch_size = shapes_dataset, 3, 4
+  job = jobs.build(c)
+  path = str(tmp_path / "cache.arrayrecord")
+  latent_cache.build(builders.open_split(shapes_dataset, "train"), path,
+                     PipelineParts(job.frozen_modules, job.frozen_params, job.tokenizer, {}, {}),
+                     resolution=32)
+  c.data.latents = path
+  batch = next(iter(_loader(c, _source(shapes_dataset, "train", c.stage), c.stage,
+                            job.tokenizer)))
+  assert batch["image_latent"].shape == (4, 4, 4, 4) and batch["text"].shape[:2] == (4, 77)
+  summary = train_and_evaluate(c, str(tmp_path / "run"))
+  assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])
+  from ip2p_jax import InstructPix2PixPipeline
+  out = InstructPix2PixPipeline.from_pretrained(summary["export"])(
+      "make it red", np.zeros((32, 32, 3), np.uint8), num_inference_steps=2, output_type="np")
+  assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_eval_every_logs_held_out_success_per_edit_type(shapes_dataset, tmp_path):
+  """``eval_every`` edits held-out shapes-world examples with the EMA model during
+  training and logs success per edit type (a learning curve in metrics.jsonl)."""
+  from ip2p_jax.data import shapes
+  c = tiny_ip2p.get_config()
+  c.data.path, c.total_steps, c.eval_every, c.eval_num, c.eval_steps = \
+      shapes_dataset, 4, 2, 6, 2
+  c.eval_batch_size = 3
+  train_and_evaluate(c, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = [l for l in lines if "eval/success" in l]
+  assert [l["step"] for l in evals] == [2, 4]
+  types = {shapes.generate(c.eval_seed, i, size=32, split="heldout").edit_type
+           for i in range(6)}
+  for record in evals:
+    assert 0.0 <= record["eval/success"] <= 1.0
+    assert all(f"eval/success/{t}" in record for t in types)
+  assert sorted(os.listdir(tmp_path / "eval")) == ["step_0000002.png", "step_0000004.png"]
