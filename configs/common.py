@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.caption_dropout = 0.1          # stage 1
   c.kl_weight = 1e-6               # VAE
   c.vae_crop = 0                   # VAE: train on random crops of this size (0: whole images)
+  c.vae_mse_weight = 0.0           # VAE: squared error added to the L1 reconstruction loss
   c.min_snr_gamma = 0.0            # diffusion: Min-SNR-gamma loss weights (0: plain MSE)
 
   c.total_steps = 4

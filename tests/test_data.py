@@ -301,3 +301,21 @@ def test_tfds_source_through_grain_with_workers(tmp_path, tok):
   batch = next(it)
   assert batch["input_image"].shape == (8, 32, 32, 3) and batch["input_ids"].shape == (8, 77)
   assert (batch["input_ids"][:, 0] == 49406).all()
+
+
+def test_a_flipped_pair_mirrors_its_instruction(tok):
+  """A horizontal flip of both images must also swap "left" and "right" in the text,
+  or it teaches the opposite side; unflipped examples keep their words."""
+  assert ip.mirror_text("move the square to the left") == "move the square to the right"
+  assert ip.mirror_text(b"add a red star at the top Right") == b"add a red star at the top Left"
+  assert ip.mirror_text("make the circle bright") == "make the circle bright"  # whole words
+  flip = ip.PairedCropFlip(("input_image", "edited_image"), 8, 1.0, flip=True)
+  image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+  element = {"input_image": image, "edited_image": image, "instruction": b"move it to the left"}
+  seen = set()
+  for seed in range(16):
+    out = flip.random_map(element, np.random.default_rng(seed))
+    flipped = not np.array_equal(out["input_image"], image)
+    assert out["instruction"] == (b"move it to the right" if flipped else b"move it to the left")
+    seen.add(flipped)
+  assert seen == {True, False}

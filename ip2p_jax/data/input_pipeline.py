@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import grain.python as grain
 import jax
@@ -94,9 +95,29 @@ class Shard(grain.RandomAccessDataSource):
     return f"Shard({self._source!r}, {self._index}/{self._count})"
 
 
+_MIRRORED = {"left": "right", "right": "left"}
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_MIRROR_TEXT_FIELDS = ("instruction", "input_caption", "edited_caption", "caption")
+
+
+def mirror_text(text):
+  """The words of a horizontally flipped picture: "left" <-> "right" (case kept), so a
+  flipped "move the square to the left" becomes "... to the right". Bytes stay bytes."""
+  as_bytes = isinstance(text, bytes)
+  value = text.decode("utf-8") if as_bytes else str(text)
+
+  def swap(m):
+    word = _MIRRORED[m.group(0).lower()]
+    return word.capitalize() if m.group(0)[0].isupper() else word
+  value = _SIDE_WORD.sub(swap, value)
+  return value.encode("utf-8") if as_bytes else value
+
+
 class PairedCropFlip(grain.RandomMapTransform):
   """Resizes the shorter side to U(1, max_resize) x resolution, then one random square
-  crop and one random horizontal flip applied to *all* image fields alike."""
+  crop and one random horizontal flip applied to *all* image fields alike; a flip also
+  mirrors the text ("left" <-> "right", :func:`mirror_text`), or half the flipped
+  "move ... to the left" examples would teach the opposite side."""
 
   def __init__(self, fields, resolution: int, max_resize: float, flip: bool):
     self.fields, self.resolution, self.max_resize, self.flip = fields, resolution, max_resize, flip
@@ -118,6 +139,10 @@ class PairedCropFlip(grain.RandomMapTransform):
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
       image = image[top:top + res, left:left + res]
       out[field] = np.ascontiguousarray(image[:, ::-1] if flip else image)
+    if flip:
+      for field in _MIRROR_TEXT_FIELDS:
+        if field in out:
+          out[field] = mirror_text(out[field])
     return out
 
 

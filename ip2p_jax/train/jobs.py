@@ -142,7 +142,8 @@ def build(config) -> Job:
   if stage == "vae":
     module = module_from_config(_dict(m.vae), **kw)
     loss = objectives.autoencoder(module, kl_weight=config.kl_weight,
-                                  crop=config.get("vae_crop", 0))
+                                  crop=config.get("vae_crop", 0),
+                                  mse_weight=config.get("vae_mse_weight", 0.0))
   else:
     module = module_from_config(_dict(m.clip), **kw)
     loss = objectives.contrastive(module)

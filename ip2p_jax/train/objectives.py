@@ -196,12 +196,14 @@ def random_crop(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
 
 def autoencoder(vae, *, kl_weight: float = 1e-6, perceptual=None,
                 perceptual_weight: float = 0.0, image_field: str = "image",
-                crop: int = 0) -> Loss:
+                crop: int = 0, mse_weight: float = 0.0) -> Loss:
   """VAE: L1 reconstruction of a posterior sample's decoding + ``kl_weight`` x KL to
   N(0, I) (latent diffusion's KL-f8 objective, without the adversarial term).
   ``crop`` > 0 trains on random ``crop`` x ``crop`` windows, as latent diffusion
   trained its autoencoders: a convolutional VAE (no mid-block attention) learns the
-  same function from a fraction of the pixels.
+  same function from a fraction of the pixels. ``mse_weight`` adds the squared error
+  (PSNR's own measure), which weighs the large colour errors of small objects more
+  than L1 does.
   ``perceptual(x, y) -> [B]`` adds a feature-space distance (e.g. CLIP vision
   features) weighted by ``perceptual_weight``."""
   def loss(params, frozen, batch, rng):
@@ -211,7 +213,8 @@ def autoencoder(vae, *, kl_weight: float = 1e-6, perceptual=None,
     error = recon.astype(jnp.float32) - x
     rec = jnp.mean(jnp.abs(error))
     kl = jnp.mean(posterior.kl())
-    total = rec + kl_weight * kl
+    mse = jnp.mean(jnp.square(error))
+    total = rec + mse_weight * mse + kl_weight * kl
     # PSNR in [0, 1] pixel units, of the batch (a posterior sample's decoding).
     psnr = -10 * jnp.log10(jnp.mean(jnp.square(error / 2)) + 1e-12)
     metrics = {"reconstruction": rec, "kl": kl, "psnr": psnr}

@@ -1,0 +1,67 @@
+"""Installs the trained default model into the package (fp16 safetensors):
+
+  ip2p_jax/assets/default_model/  the InstructPix2Pix editor (runs/default/ip2p/export)
+  ip2p_jax/assets/default_t2i/    its stage-1 text-to-image model: the UNet and scheduler;
+                                  the VAE, text encoder and tokenizer are the editor's
+  ip2p_jax/assets/default_clip/   the CLIP (text + vision) of ``ip2p eval``'s CLIP metrics
+
+  python scripts/install_default_model.py [--runs runs/default]
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from ip2p_jax.checkpoints import load_component, load_pipeline, save_component  # noqa: E402
+from ip2p_jax.checkpoints import save_pipeline  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "ip2p_jax", "assets")
+
+
+def _replace(folder: str, write) -> None:
+  """Writes ``folder`` next to itself and swaps it in, so a failure leaves the old one."""
+  staging = folder + ".new"
+  shutil.rmtree(staging, ignore_errors=True)
+  write(staging)
+  shutil.rmtree(folder, ignore_errors=True)
+  os.replace(staging, folder)
+  print(f"installed {folder}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", default="runs/default")
+  args = parser.parse_args()
+  editor = load_pipeline(os.path.join(args.runs, "ip2p", "export"))
+  _replace(os.path.join(ASSETS, "default_model"),
+           lambda f: save_pipeline(f, editor, dtype=np.float16))
+
+  t2i = load_pipeline(os.path.join(args.runs, "t2i", "export"))
+
+  def write_t2i(folder):
+    save_component(os.path.join(folder, "unet"), t2i.modules["unet"], t2i.params["unet"],
+                   dtype=np.float16)
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump(t2i.scheduler_config, f, indent=2)
+  _replace(os.path.join(ASSETS, "default_t2i"), write_t2i)
+
+  clip_module, clip_params = load_component(os.path.join(args.runs, "clip", "export", "clip"))
+
+  def write_clip(folder):
+    save_component(folder, clip_module, clip_params, dtype=np.float16)
+    # Our CLIP stage trains on pixels in [-1, 1]: mean 0.5, std 0.5 in [0, 1] units.
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+      json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "crop_size": clip_module.config.vision_config.image_size}, f, indent=2)
+  _replace(os.path.join(ASSETS, "default_clip"), write_clip)
+
+
+if __name__ == "__main__":
+  main()
