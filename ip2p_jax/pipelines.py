@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ip2p_jax import bundled
 from ip2p_jax import images as imagelib
 from ip2p_jax import sharding
 from ip2p_jax import tokenizer as tokenizers
@@ -58,10 +59,14 @@ class _Pipeline:
     self._device_params = None
 
   @classmethod
-  def from_pretrained(cls, path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                      **unet_kwargs):
-    """A diffusers-format folder, or a hub id already in the local Hugging Face cache."""
-    return cls(load_pipeline(path, dtype=dtype, param_dtype=param_dtype, **unet_kwargs))
+  def from_pretrained(cls, path: str | None = None, *, dtype: Any = jnp.float32,
+                      param_dtype: Any = jnp.float32, **unet_kwargs):
+    """A diffusers-format folder, or a hub id already in the local Hugging Face cache;
+    no ``path``: the model bundled with the package (``ip2p_jax.bundled``)."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, **unet_kwargs)
+    if path is None:
+      return cls(cls._bundled(**kw))
+    return cls(load_pipeline(path, **kw))
 
   def set_params(self, params) -> None:
     """Swaps in new parameters of the same shapes (a training run's EMA, for its held-out
@@ -177,6 +182,8 @@ class _Pipeline:
 class InstructPix2PixPipeline(_Pipeline):
   """Edits images by instructions (Brooks, Holynski & Efros 2023)."""
 
+  _bundled = staticmethod(lambda **kw: load_pipeline(bundled.editor_path(), **kw))
+
   def __call__(self, prompt: str | Sequence[str], image, *, num_inference_steps: int = 100,
                guidance_scale: float | Sequence[float] = 7.5,
                image_guidance_scale: float | Sequence[float] = 1.5, seed: int = 0,
@@ -256,6 +263,8 @@ class InstructPix2PixPipeline(_Pipeline):
 
 
 class TextToImagePipeline(_Pipeline):
+  _bundled = staticmethod(lambda **kw: bundled.load_text_to_image(**kw))
+
   """Stable Diffusion text-to-image with classifier-free guidance."""
 
   def __call__(self, prompt: str | Sequence[str], *, height: int | None = None,

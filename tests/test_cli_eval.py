@@ -53,6 +53,8 @@ def test_eval_writes_json_markdown_and_sheet(model, clip, tmp_path, capsys):
     assert -1 <= result["overall"][key] <= 1
   table = (out / "eval.md").read_text()
   assert "| edit type | n | success | PSNR (dB) | PSNR outside (dB) | sim_0" in table
+  assert 0 < result["vae_psnr"] < 100  # the random tiny VAE's round trip: not exact
+  assert f"{result['vae_psnr']:.2f} dB PSNR" in table
   for edit_type in shapes.EDIT_TYPES:
     assert f"| {edit_type} | {result['per_edit_type'][edit_type]['n']} |" in table
   sheet = Image.open(out / "sheet.png")

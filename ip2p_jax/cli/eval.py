@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from ip2p_jax.cli.common import CommandError, enable_compilation_cache, fail, resolve_model
 
 EXAMPLES = """examples:
@@ -107,7 +109,7 @@ def run(args) -> int:
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax import images as imagelib
   from ip2p_jax.checkpoints import CheckpointError
-  from ip2p_jax.metrics import evaluate
+  from ip2p_jax.metrics import evaluate, vae_psnr
   from ip2p_jax.metrics import report as reports
 
   if args.num < 1 or args.steps < 1 or args.batch_size < 1 or args.sheet_rows < 0 or \
@@ -137,6 +139,7 @@ def run(args) -> int:
   result = run_at(args.text_scale, args.image_scale, "evaluating")
   outputs = result.pop("outputs")
   result.update(model=os.path.abspath(model), clip=clip_folder, **source)
+  result["vae_psnr"] = vae_psnr(pipe, np.stack([e.input_image for e in examples]))
   os.makedirs(args.out, exist_ok=True)
   rows = reports.sheet_rows([e.edit_type for e in examples], args.sheet_rows)
   imagelib.save(reports.sheet(examples, outputs, result["examples"], rows),
@@ -161,7 +164,8 @@ def run(args) -> int:
   overall = result["overall"]
   print(f"success {_pct(overall['success'])} over {overall['n']} examples; held-out "
         f"combinations {_pct(result['held_out']['success'])}; PSNR {_db(overall['psnr'])}, "
-        f"outside the edit {_db(overall['psnr_outside'])}")
+        f"outside the edit {_db(overall['psnr_outside'])}; VAE reconstruction "
+        f"{_db(result['vae_psnr'])}")
   for edit_type, group in result["per_edit_type"].items():
     if group["n"]:
       print(f"  {edit_type:<11} n={group['n']:<4} success {_pct(group['success'])}")

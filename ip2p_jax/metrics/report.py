@@ -66,7 +66,11 @@ def markdown(report: dict) -> str:
   row("held-out combination edited", report["held_out_edit"])
   settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
   notes = [
-      "", f"Settings: {settings}.", "",
+      "", f"Settings: {settings}.", ""]
+  if report.get("vae_psnr") is not None:
+    notes += [f"VAE reconstruction of the inputs (posterior mode): "
+              f"{report['vae_psnr']:.2f} dB PSNR.", ""]
+  notes += [
       "Success is judged from the shapes world's exact scene graphs "
       "(ip2p_jax/metrics/shapes_scoring.py); PSNR is against the exact target, PSNR "
       "outside against the input where the edit must not change pixels (none for "

@@ -1,0 +1,39 @@
+"""Where the models shipped inside the package live (``scripts/install_default_model.py``
+writes them; ``configs/default_model.py`` says how they were trained):
+
+  DEFAULT_MODEL  the InstructPix2Pix editor, a diffusers folder
+                 (``$IP2P_DEFAULT_MODEL`` points elsewhere)
+  DEFAULT_T2I    its stage-1 text-to-image UNet and scheduler; the VAE, text encoder and
+                 tokenizer are the editor's (one copy in the package)
+  DEFAULT_CLIP   the CLIP (text + vision) whose similarities ``ip2p eval`` reports
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_MODEL = os.path.join(ASSETS, "default_model")
+DEFAULT_T2I = os.path.join(ASSETS, "default_t2i")
+DEFAULT_CLIP = os.path.join(ASSETS, "default_clip")
+
+
+def editor_path() -> str:
+  """The bundled editor's folder (``$IP2P_DEFAULT_MODEL`` overrides it)."""
+  return os.environ.get("IP2P_DEFAULT_MODEL", DEFAULT_MODEL)
+
+
+def load_text_to_image(**kwargs):
+  """The bundled stage-1 model as ``PipelineParts``: its UNet and scheduler with the
+  editor's VAE, text encoder and tokenizer (they were frozen in both stages)."""
+  from ip2p_jax.checkpoints import load_component, load_pipeline
+  editor = load_pipeline(editor_path(), **kwargs)
+  unet, params = load_component(os.path.join(DEFAULT_T2I, "unet"), **kwargs)
+  with open(os.path.join(DEFAULT_T2I, "scheduler", "scheduler_config.json"),
+            encoding="utf-8") as f:
+    scheduler = json.load(f)
+  return dataclasses.replace(
+      editor, modules={**editor.modules, "unet": unet}, params={**editor.params, "unet": params},
+      scheduler_config=scheduler,
+      model_index={**editor.model_index, "_class_name": "StableDiffusionPipeline"})
