@@ -46,7 +46,7 @@ SCHEDULER = {**IP2P_SCHEDULER, "prediction_type": "v_prediction",
 RUNS = "runs/default"
 LATENTS = f"{RUNS}/latents/train.arrayrecord"
 
-STEPS = {"vae": 1500, "clip": 600, "t2i": 800, "ip2p": 5000, "scratch": 1000}
+STEPS = {"vae": 1500, "clip": 600, "t2i": 600, "ip2p": 3500, "scratch": 750}
 
 
 def get_config(stage="ip2p"):

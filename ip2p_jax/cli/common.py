@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "default_model")
+from ip2p_jax import bundled
 
 
 class CommandError(Exception):
@@ -22,7 +22,7 @@ def resolve_model(model: str | None) -> str:
   """``--model``, else the bundled default model (``$IP2P_DEFAULT_MODEL`` overrides where)."""
   if model:
     return model
-  default = os.environ.get("IP2P_DEFAULT_MODEL", DEFAULT_MODEL)
+  default = bundled.editor_path()
   if os.path.isfile(os.path.join(default, "model_index.json")):
     return default
   raise CommandError(

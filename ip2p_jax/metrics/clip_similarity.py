@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ip2p_jax import bundled
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.checkpoints import load_component
 from ip2p_jax.models import clip as cliplib
 
-DEFAULT_CLIP = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "default_clip")
+DEFAULT_CLIP = bundled.DEFAULT_CLIP
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
