@@ -57,3 +57,14 @@ def model(tmp_path_factory):
   folder = tmp_path_factory.mktemp("ip2p_model")
   save_ip2p(folder)
   return str(folder)
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory):
+  """One small shapes world (32 px, 32 train + 4 held-out triplets) shared by the
+  in-process training runs."""
+  from ip2p_jax.data import builders
+  out = tmp_path_factory.mktemp("data")
+  path, _ = builders.build("shapes_world", str(out), builders.ShapesWorldConfig(
+      name="t", size=32, num_train=32, num_heldout=4, seed=0))
+  return path

@@ -25,16 +25,6 @@ CONFIGS = {"instruct_pix2pix": tiny_ip2p, "text_to_image": tiny_t2i, "vae": tiny
            "clip": tiny_clip}
 
 
-@pytest.fixture(scope="module")
-def shapes_dataset(tmp_path_factory):
-  """One small shapes world shared by the in-process runs."""
-  from ip2p_jax.data import builders
-  out = tmp_path_factory.mktemp("data")
-  path, _ = builders.build("shapes_world", str(out), builders.ShapesWorldConfig(
-      name="t", size=32, num_train=32, num_heldout=4, seed=0))
-  return path
-
-
 def _config(stage, dataset, **overrides):
   c = CONFIGS[stage].get_config()
   c.data.path = dataset

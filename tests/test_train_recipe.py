@@ -53,15 +53,6 @@ def test_random_crop_is_a_window_of_the_batch():
   assert objectives.random_crop(images, 0, jax.random.key(0)) is images
 
 
-@pytest.fixture(scope="module")
-def shapes_dataset(tmp_path_factory):
-  from ip2p_jax.data import builders
-  out = tmp_path_factory.mktemp("data")
-  path, _ = builders.build("shapes_world", str(out), builders.ShapesWorldConfig(
-      name="t", size=32, num_train=16, num_heldout=4, seed=0))
-  return path
-
-
 def test_vae_export_measures_its_scaling_factor(shapes_dataset, tmp_path):
   """The exported VAE's scaling_factor is 1 / std of its posterior samples on the
   training images (latent diffusion's recipe), not SD's 0.18215."""
@@ -96,7 +87,7 @@ def test_cached_objective_equals_the_encoder_objective(stage, shapes_dataset, tm
   parts = PipelineParts(job.frozen_modules, job.frozen_params, job.tokenizer, {}, {})
   source = builders.open_split(shapes_dataset, "train")
   path = str(tmp_path / "cache.arrayrecord")
-  assert latent_cache.build(source, path, parts, resolution=32, batch_size=8) == 16
+  assert latent_cache.build(source, path, parts, resolution=32, batch_size=8) == 32
   cache = latent_cache.LatentCacheSource(path)
   records = [cache[i] for i in range(4)]
   cached = {k: np.stack([r[k] for r in records]) for k in records[0]}
