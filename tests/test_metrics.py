@@ -62,6 +62,21 @@ def test_wrong_recolor_fails(examples):
   assert checked == 4 * PER_CASE * (len(shapes.COLORS) - 1)
 
 
+def test_an_edit_that_loses_the_rest_of_the_picture_fails(examples):
+  """The right colour on the object is not a success if everything else is painted
+  over: a local edit must keep the untouched pixels (PSNR >= KEEP_DB vs the input)."""
+  checked = 0
+  for e in (e for e in examples if e.edit_type in shapes.LOCAL_EDITS):
+    color = np.array(shapes.PALETTE[shapes_scoring.change(e).new.color]
+                     if shapes_scoring.change(e).new else (128, 128, 128), np.uint8)
+    flooded = np.where(e.edit_mask[..., None], e.edited_image, color)
+    score = score_edit(e, flooded.astype(np.uint8))
+    if score["psnr_outside"] < shapes_scoring.KEEP_DB:
+      assert not score["success"], (e.instruction, score["detail"])
+      checked += 1
+  assert checked >= 10
+
+
 def test_wrong_background_resize_and_global_edit_fail(examples):
   checked = 0
   for e in examples:

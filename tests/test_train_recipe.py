@@ -128,8 +128,10 @@ def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path)
   batch = next(iter(_loader(c, _source(shapes_dataset, "train", c.stage), c.stage,
                             job.tokenizer)))
   assert batch["image_latent"].shape == (4, 4, 4, 4) and batch["text"].shape[:2] == (4, 77)
+  assert c.sample_every == 0  # "0: only at the end" -- the end still gets its picture
   summary = train_and_evaluate(c, str(tmp_path / "run"))
   assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])
+  assert os.listdir(tmp_path / "run" / "samples") == ["step_0000003.png"]
   from ip2p_jax import InstructPix2PixPipeline
   out = InstructPix2PixPipeline.from_pretrained(summary["export"])(
       "make it red", np.zeros((32, 32, 3), np.uint8), num_inference_steps=2, output_type="np")

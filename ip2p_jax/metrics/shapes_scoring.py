@@ -25,6 +25,10 @@ from a learned judge, and returning the input unchanged fails every rule:
 
 "Region" means the pixels an object covers fully, eroded by ``erosion(size)``
 pixels, so anti-aliased edges and a decoder's blur do not decide the colour.
+
+A local or background edit must also keep the rest of the picture: its PSNR vs the
+input where the edit may not change pixels must be at least ``KEEP_DB``, so an output
+that paints everything one colour does not "recolour" an object to that colour.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from ip2p_jax.data import shapes
 PSNR_CAP_DB = 100.0     # PSNR of identical images (keeps the JSON finite)
 GLOBAL_MARGIN_DB = 1.0  # global edits: closer to the target than to the input by this
 MIN_IOU = 0.5           # resize/reshape: the segmented object must overlap its target this much
+KEEP_DB = 18.0          # local/background edits: the untouched pixels kept at least this well
 
 _PALETTE_NAMES = shapes.COLORS
 _PALETTE = np.array([shapes.PALETTE[c] for c in _PALETTE_NAMES], np.float64)
@@ -307,11 +312,14 @@ def score_edit(example: shapes.Example, output: np.ndarray) -> dict:
   size = output.shape[0]
   ok, detail = RULES[example.edit_type](output, example, change(example), size)
   outside = _outside(example)
+  kept = None if outside is None else psnr(output, example.input_image, outside)
+  if kept is not None and kept < KEEP_DB:
+    ok, detail = False, {**detail, "rest_of_image_lost_db": kept}
   return {
       "edit_type": example.edit_type,
       "success": bool(ok),
       "psnr": psnr(output, example.edited_image),
-      "psnr_outside": None if outside is None else psnr(output, example.input_image, outside),
+      "psnr_outside": kept,
       "held_out": held_out(example),
       "held_out_edit": held_out_edit(example),
       "detail": detail,
