@@ -63,6 +63,7 @@ def main():
   torch.set_num_threads(os.cpu_count())
   ref = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
       bundled.DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False,
+      torch_dtype=torch.float32,
       local_files_only=True)
   ref.set_progress_bar_config(disable=True)
   pil = Image.fromarray(image)

@@ -5,7 +5,9 @@ writes them; ``configs/default_model.py`` says how they were trained):
                  (``$IP2P_DEFAULT_MODEL`` points elsewhere)
   DEFAULT_T2I    its stage-1 text-to-image UNet and scheduler; the VAE, text encoder and
                  tokenizer are the editor's (one copy in the package)
-  DEFAULT_CLIP   the CLIP (text + vision) whose similarities ``ip2p eval`` reports
+  DEFAULT_CLIP   the CLIP whose similarities ``ip2p eval`` reports: its vision tower and
+                 projections; its text tower is the editor's text encoder (the same
+                 weights, stored once)
 """
 from __future__ import annotations
 
@@ -37,3 +39,15 @@ def load_text_to_image(**kwargs):
       editor, modules={**editor.modules, "unet": unet}, params={**editor.params, "unet": params},
       scheduler_config=scheduler,
       model_index={**editor.model_index, "_class_name": "StableDiffusionPipeline"})
+
+
+def load_clip(**kwargs):
+  """The bundled CLIP as ``(module, params)``: DEFAULT_CLIP's weights plus the editor's
+  text encoder as its ``text_model``."""
+  from ip2p_jax.checkpoints import io
+  raw = io._read_json(os.path.join(DEFAULT_CLIP, "config.json"))
+  clip = io.module_from_config(raw, **kwargs)
+  state = {**io.read_state_dict(DEFAULT_CLIP, "model"),
+           **io.read_state_dict(os.path.join(editor_path(), "text_encoder"), "model")}
+  kind = io.formats.kind_of_config(raw, DEFAULT_CLIP)
+  return clip, io.params_from_state_dict(kind, clip, state, DEFAULT_CLIP)

@@ -15,10 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ip2p_jax.checkpoints import load_component, load_pipeline, save_component  # noqa: E402
-from ip2p_jax.checkpoints import save_pipeline  # noqa: E402
+from ip2p_jax.checkpoints import safetensors, save_pipeline  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "ip2p_jax", "assets")
@@ -54,8 +55,19 @@ def main():
 
   clip_module, clip_params = load_component(os.path.join(args.runs, "clip", "export", "clip"))
 
+  editor_text = editor.params["text_encoder"]["text_model"]
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.float16(a), np.float16(b))),
+                      clip_params["text_model"], editor_text)
+  if not all(jax.tree.leaves(same)):
+    raise SystemExit("the CLIP's text tower differs from the editor's text encoder")
+
   def write_clip(folder):
+    # The text tower is the editor's text encoder: stored once (ip2p_jax.bundled.load_clip).
     save_component(folder, clip_module, clip_params, dtype=np.float16)
+    weights = os.path.join(folder, "model.safetensors")
+    tensors = {k: v for k, v in safetensors.load(weights).items()
+               if not k.startswith("text_model.")}
+    safetensors.save(weights, tensors)
     # Our CLIP stage trains on pixels in [-1, 1]: mean 0.5, std 0.5 in [0, 1] units.
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
       json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],

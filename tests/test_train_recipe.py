@@ -127,7 +127,10 @@ def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path)
   c.data.latents = path
   batch = next(iter(_loader(c, _source(shapes_dataset, "train", c.stage), c.stage,
                             job.tokenizer)))
-  assert batch["image_latent"].shape == (4, 4, 4, 4) and batch["text"].shape[:2] == (4, 77)
+  vae = job.frozen_modules["vae"].config
+  side = 32 // 2 ** (len(vae.block_out_channels) - 1)
+  assert batch["image_latent"].shape == (4, side, side, vae.latent_channels)
+  assert batch["text"].shape[:2] == (4, 77)
   assert c.sample_every == 0  # "0: only at the end" -- the end still gets its picture
   summary = train_and_evaluate(c, str(tmp_path / "run"))
   assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])

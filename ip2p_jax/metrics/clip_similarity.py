@@ -109,7 +109,8 @@ class ClipSimilarity:
   def __init__(self, folder: str = DEFAULT_CLIP, *, batch_size: int = 32):
     if not os.path.isfile(os.path.join(folder, "config.json")):
       raise FileNotFoundError(f"{folder}: not a CLIP model folder (no config.json)")
-    module, params = load_component(folder)
+    bundled_clip = os.path.abspath(folder) == os.path.abspath(bundled.DEFAULT_CLIP)
+    module, params = bundled.load_clip() if bundled_clip else load_component(folder)
     if not isinstance(module, cliplib.CLIPModel):
       raise ValueError(f"{folder}: a CLIPModel (both towers) is needed, found "
                        f"{type(module).__name__}")
