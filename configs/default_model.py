@@ -18,10 +18,11 @@ resumable and each initialised from the previous one's export:
 
   python scripts/train.py --config=configs/default_model.py:vae --workdir=runs/default/vae
 
-Levers chosen by measurement (numbers in README.md, "The default model"):
+Levers (what each bought is measured in README.md, "The default model"):
 v-prediction (Salimans & Ho 2022) instead of epsilon, so the high-noise steps that settle
-the global colours must read the input image; Min-SNR-5 loss weights (Hang et al. 2023);
-"trailing" timesteps, so sampling starts at t = 999; the data's own latent scale.
+the global colours must read the input image; Min-SNR-5 loss weights (Hang et al. 2023)
+for stage 1 only; "trailing" timesteps, so sampling starts at t = 999; the data's own
+latent scale; a latent cache, so the diffusion stages run only the UNet.
 """
 from configs import models
 from configs.common import IP2P_SCHEDULER, base_config
@@ -46,6 +47,8 @@ SCHEDULER = {**IP2P_SCHEDULER, "prediction_type": "v_prediction",
 RUNS = "runs/default"
 LATENTS = f"{RUNS}/latents/train.arrayrecord"
 
+# The shipped model: every stage at these lengths except stage 2, stopped at step 2007
+# (README.md, "The default model"); rerunning the script continues it to 3000.
 STEPS = {"vae": 1500, "clip": 600, "t2i": 600, "ip2p": 3000, "scratch": 500}
 
 
