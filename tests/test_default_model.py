@@ -2,7 +2,7 @@
 diffusers' PyTorch pipeline and makes the same edit there, and the shipped weights do
 what README.md's model card says they do (regression tests scored from exact ground
 truth: the stage-1 model paints the caption's background, the editor darkens scenes;
-it does not yet do local edits, and no test claims it does)."""
+it does not do local edits, and no test claims it does)."""
 import diffusers
 import numpy as np
 import pytest

@@ -199,11 +199,9 @@ def pipeline(job: Job, params):
   return cls(parts)
 
 
-def samples(job: Job, params, examples: list[dict], steps: int,
-            seed: int = 0) -> np.ndarray | None:
+def samples(job: Job, params, examples: list[dict], steps: int, seed: int = 0) -> np.ndarray:
   """A picture of what the model does on fixed examples (rows), as uint8 [H, W, 3]:
-  IP2P input | target | edit; text-to-image generations; VAE input | reconstruction;
-  None for CLIP."""
+  IP2P input | target | edit; text-to-image generations; VAE input | reconstruction."""
   if job.stage == "instruct_pix2pix":
     pipe = pipeline(job, params)
     out = pipe([e["instruction"] for e in examples], [e["input_image"] for e in examples],
@@ -222,6 +220,6 @@ def samples(job: Job, params, examples: list[dict], steps: int,
     recon, _ = job.module.apply({"params": params}, x)
     recon = ((np.asarray(recon) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
     rows = [np.concatenate([e["image"], r], 1) for e, r in zip(examples, recon)]
-  else:  # CLIP: no picture (its accuracy is in the metrics)
-    return None
+  else:
+    raise ValueError(f"stage {job.stage!r} has no sample picture")
   return np.concatenate(rows, 0)

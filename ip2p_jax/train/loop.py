@@ -285,7 +285,10 @@ def _evaluate(config, job, state, step, workdir, cache: dict) -> dict:
 
 
 def _write_samples(config, job, state, dataset, step, workdir):
-  """A PNG of the EMA model on fixed validation examples (first of the sample split)."""
+  """A PNG of the EMA model on fixed validation examples (first of the sample split);
+  none for CLIP, which has no picture to show (its accuracy is in the metrics)."""
+  if job.stage == "clip":
+    return
   ema = _gather(state.ema_params)
   if jax.process_index() != 0:
     return
@@ -305,6 +308,4 @@ def _write_samples(config, job, state, dataset, step, workdir):
         record[k] = np.asarray(Image.fromarray(v).resize((res, res), Image.Resampling.BICUBIC))
     examples.append(record)
   grid = jobs.samples(job, ema, examples, config.sample_steps)
-  if grid is None:  # the stage has no picture to show (CLIP)
-    return
   save(Image.fromarray(grid), os.path.join(workdir, "samples", f"step_{step:07d}.png"))
