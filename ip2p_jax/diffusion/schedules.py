@@ -19,31 +19,72 @@ import numpy as np
 
 from ip2p_jax.models.configuration import ConfigError, parse_config
 
-SAMPLERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
-
-# diffusers' scheduler class for each sampler, and the class's own defaults: diffusers'
-# `Scheduler.from_config(other_config)` keeps the shared keys and takes these for the rest.
+# Sampler name -> diffusers scheduler class (README has the table). Two names share
+# DPMSolverMultistepScheduler and differ in its algorithm_type.
 _CLASS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
     "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
-_SAMPLER_OF_CLASS = {v: k for k, v in _CLASS.items()}
+SAMPLERS = tuple(_CLASS)
+SCHEDULER_CLASSES = dict(_CLASS)
+# Samplers whose diffusers class has `use_karras_sigmas`.
+KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# Samplers that keep the variance-preserving latent between steps (diffusers' DDIM, PNDM,
+# DDPM, DPM-Solver and UniPC); the Euler family, LMS and Heun keep the VE sample.
+VP_SAMPLERS = ("ddim", "pndm", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+
+# The class's own defaults: diffusers' `Scheduler.from_config(other_config)` keeps the shared
+# keys and takes these for the rest.
+_DPM = {"timestep_spacing": "linspace", "use_karras_sigmas": False, "final_sigmas_type": "zero",
+        "lower_order_final": True, "euler_at_final": False, "solver_order": 2,
+        "solver_type": "midpoint"}
 _CLASS_DEFAULTS = {
     "euler_ancestral": {"timestep_spacing": "linspace"},
     "euler": {"timestep_spacing": "linspace", "use_karras_sigmas": False,
               "final_sigmas_type": "zero"},
+    "heun": {"timestep_spacing": "linspace", "use_karras_sigmas": False, "clip_sample": False,
+             "clip_sample_range": 1.0, "beta_start": 0.00085, "beta_end": 0.012},
+    "lms": {"timestep_spacing": "linspace", "use_karras_sigmas": False},
     "ddim": {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
              "set_alpha_to_one": True},
-    "dpmpp_2m": {"timestep_spacing": "linspace", "use_karras_sigmas": False,
-                 "final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False},
+    "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "skip_prk_steps": False},
+    "ddpm": {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
+             "variance_type": "fixed_small"},
+    "dpmpp_2m": {**_DPM, "algorithm_type": "dpmsolver++"},
+    "dpmpp_2m_sde": {**_DPM, "algorithm_type": "sde-dpmsolver++"},
+    "unipc": {"timestep_spacing": "linspace", "use_karras_sigmas": False,
+              "final_sigmas_type": "zero", "lower_order_final": True, "solver_order": 2,
+              "solver_type": "bh2", "predict_x0": True, "disable_corrector": []},
+}
+# Keys a sampler name fixes whatever the folder says (the two DPM-Solver++ variants).
+_FORCED = {"dpmpp_2m": {"algorithm_type": "dpmsolver++"},
+           "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}}
+# Keys that belong to some classes only: they must not leak into another class's config.
+_OWN_KEYS = {
+    "clip_sample": ("ddim", "heun", "ddpm"), "set_alpha_to_one": ("ddim", "pndm"),
+    "skip_prk_steps": ("pndm",), "variance_type": ("ddpm",),
+    "algorithm_type": ("dpmpp_2m", "dpmpp_2m_sde"), "solver_order": ("dpmpp_2m", "dpmpp_2m_sde",
+                                                                     "unipc"),
+    "solver_type": ("dpmpp_2m", "dpmpp_2m_sde", "unipc"), "predict_x0": ("unipc",),
+    "disable_corrector": ("unipc",), "use_karras_sigmas": KARRAS_SAMPLERS,
+    "final_sigmas_type": ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc"),
+    "lower_order_final": ("dpmpp_2m", "dpmpp_2m_sde", "unipc"),
+    "euler_at_final": ("dpmpp_2m", "dpmpp_2m_sde"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-  """The keys of a diffusers scheduler config that define the noise levels."""
+  """The keys of a diffusers scheduler config that define the noise levels and the
+  sampler's options."""
   num_train_timesteps: int = 1000
   beta_start: float = 0.0001
   beta_end: float = 0.02
@@ -53,53 +94,83 @@ class ScheduleConfig:
   steps_offset: int = 0
   use_karras_sigmas: bool = False
   final_sigmas_type: str = "zero"  # or "sigma_min"
-  set_alpha_to_one: bool = True  # DDIM: the last step lands on alphabar = 1
-  clip_sample: bool = False  # DDIM: clip the predicted x0
+  set_alpha_to_one: bool = True  # DDIM, PNDM: the last step lands on alphabar = 1
+  clip_sample: bool = False  # DDIM, Heun, DDPM: clip the predicted x0
   clip_sample_range: float = 1.0
-  lower_order_final: bool = True  # DPM-Solver++
+  lower_order_final: bool = True  # DPM-Solver++, UniPC
   euler_at_final: bool = False  # DPM-Solver++
+  algorithm_type: str = "dpmsolver++"  # DPM-Solver: or "sde-dpmsolver++"
+  solver_order: int = 2  # DPM-Solver++: 2; UniPC: 2 or 3
+  solver_type: str = "midpoint"  # DPM-Solver++: "midpoint"; UniPC: "bh1" or "bh2"
+  predict_x0: bool = True  # UniPC
+  disable_corrector: tuple[int, ...] = ()  # UniPC: steps whose corrector is skipped
+  skip_prk_steps: bool = False  # PNDM: True = PLMS (the only mode implemented)
+  variance_type: str = "fixed_small"  # DDPM: or "fixed_small_log", "fixed_large"
 
   UNSUPPORTED = {
       "trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
       "interpolation_type": "linear", "timestep_type": "discrete", "use_exponential_sigmas": False,
       "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-      "sigma_min": None, "sigma_max": None, "solver_order": 2, "algorithm_type": "dpmsolver++",
-      "solver_type": "midpoint", "lambda_min_clipped": -math.inf, "variance_type": None,
-      "use_dynamic_shifting": False,
+      "sigma_min": None, "sigma_max": None, "lambda_min_clipped": -math.inf,
+      "use_dynamic_shifting": False, "solver_p": None,
   }
   IGNORED = frozenset({
-      "skip_prk_steps", "dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
+      "dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
       "time_shift_type", "clip_sample_range_max", "shift_terminal", "invert_sigmas",
       "max_image_seq_len", "base_image_seq_len", "base_shift", "max_shift", "shift",
-      "beta_sigmas_alpha", "beta_sigmas_beta", "solver_p",
+      "beta_sigmas_alpha", "beta_sigmas_beta", "use_beta_sigmas",
   })
+  # Per sampler: key -> the values implemented.
+  ALLOWED = {
+      "dpmpp_2m": {"algorithm_type": ("dpmsolver++",), "solver_order": (2,),
+                   "solver_type": ("midpoint",)},
+      "dpmpp_2m_sde": {"algorithm_type": ("sde-dpmsolver++",), "solver_order": (2,),
+                       "solver_type": ("midpoint",)},
+      "unipc": {"solver_order": (2, 3), "solver_type": ("bh1", "bh2"), "predict_x0": (True,)},
+      "pndm": {"skip_prk_steps": (True,), "prediction_type": ("epsilon", "v_prediction")},
+      "ddpm": {"variance_type": ("fixed_small", "fixed_small_log", "fixed_large")},
+  }
 
   @classmethod
   def from_dict(cls, raw: Mapping[str, Any], sampler: str) -> "ScheduleConfig":
-    """The schedule diffusers' ``_CLASS[sampler].from_config(raw)`` would build."""
+    """The schedule diffusers' ``SCHEDULER_CLASSES[sampler].from_config(raw)`` would build
+    (with ``algorithm_type`` set for the two DPM-Solver++ names, and PLMS for a folder of
+    another class run with ``"pndm"``)."""
     if sampler not in SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
-    raw = {**_CLASS_DEFAULTS[sampler], **{k: v for k, v in raw.items() if v is not None
-                                          or k in cls.UNSUPPORTED}}
-    if sampler not in ("ddim",):  # DDIM-only keys must not leak into other samplers
-      raw.pop("clip_sample", None)
-      raw.pop("set_alpha_to_one", None)
+    if raw.get("algorithm_type") not in (None, "dpmsolver++", "sde-dpmsolver++"):
+      raise ConfigError(f"scheduler: config key 'algorithm_type' = {raw['algorithm_type']!r} is "
+                        "not supported; choose one of ['dpmsolver++', 'sde-dpmsolver++']")
+    own_class = raw.get("_class_name") == _CLASS[sampler]
+    raw = {k: v for k, v in raw.items() if v is not None or k in cls.UNSUPPORTED}
+    for key, owners in _OWN_KEYS.items():  # another class's keys must not leak in
+      if sampler not in owners:
+        raw.pop(key, None)
+    if sampler == "pndm" and not own_class:
+      raw["skip_prk_steps"] = True  # the name "pndm" means PLMS
+    raw = {**_CLASS_DEFAULTS[sampler], **raw, **_FORCED.get(sampler, {})}
     config = parse_config(cls, raw, component="scheduler", unsupported=cls.UNSUPPORTED,
                           ignored=cls.IGNORED)
-    for key, allowed in (("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
-                         ("prediction_type", ("epsilon", "v_prediction", "sample")),
-                         ("timestep_spacing", ("linspace", "leading", "trailing")),
-                         ("final_sigmas_type", ("zero", "sigma_min"))):
+    checks = [("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
+              ("prediction_type", ("epsilon", "v_prediction", "sample")),
+              ("timestep_spacing", ("linspace", "leading", "trailing")),
+              ("final_sigmas_type", ("zero", "sigma_min"))]
+    checks += list(cls.ALLOWED.get(sampler, {}).items())
+    for key, allowed in checks:
       if getattr(config, key) not in allowed:
+        hint = (" (PNDM's Runge-Kutta warm-up is not implemented; set skip_prk_steps true "
+                "for PLMS, as Stable Diffusion's folders do)" if key == "skip_prk_steps" else "")
         raise ConfigError(f"scheduler: config key {key!r} = {getattr(config, key)!r} is not "
-                          f"supported; choose one of {list(allowed)}")
+                          f"supported by {sampler}; choose one of {list(allowed)}{hint}")
     return config
 
 
 def sampler_of_scheduler_config(raw: Mapping[str, Any]) -> str:
   """The sampler a folder's scheduler_config.json names (Euler ancestral if unknown)."""
   name = raw.get("_class_name", "EulerAncestralDiscreteScheduler")
-  return _SAMPLER_OF_CLASS.get(name, "euler_ancestral")
+  if name == "DPMSolverMultistepScheduler":
+    return "dpmpp_2m_sde" if raw.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp_2m"
+  return {v: k for k, v in _CLASS.items()}.get(name, "euler_ancestral")
 
 
 def betas(config: ScheduleConfig) -> np.ndarray:
@@ -142,6 +213,10 @@ class NoiseLevels:
   init_noise_sigma: float
   final_scale: float
   final_first_order: bool = True  # DPM-Solver++: first-order last step
+  # PNDM (PLMS) makes S + 1 model calls; call k evaluates at timestep plms_timesteps[k] and
+  # sigma plms_sigmas[k, 0], and steps from level plms_sigmas[k, 1] to plms_sigmas[k, 2].
+  plms_timesteps: np.ndarray | None = None
+  plms_sigmas: np.ndarray | None = None
 
   @property
   def num_steps(self) -> int:
@@ -198,13 +273,20 @@ def noise_levels(config: ScheduleConfig, sampler: str, num_steps: int) -> NoiseL
                        sigmas_next.astype(np.float32),
                        init_noise_sigma=float(np.sqrt(1 + sigmas[0].astype(np.float64) ** 2)),
                        final_scale=float(1 / np.sqrt(1 + float(sigmas[-1]) ** 2)))
-  if sampler == "dpmpp_2m":
+  if sampler == "pndm":
+    return _pndm_levels(config, num_steps, ac, all_sigmas)
+  if sampler == "ddpm":  # ancestral steps between consecutive timesteps, the last to t = -1
+    t = _spaced(config, num_steps, integer=True)
+    sigmas = np.concatenate([all_sigmas[t], [0.0]]).astype(np.float32)
+    return NoiseLevels(sigmas, t.astype(np.float32), sigmas[1:],
+                       init_noise_sigma=float(np.sqrt(1 + float(sigmas[0]) ** 2)), final_scale=1.0)
+  if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
     t = _spaced(config, num_steps, integer=True, extra=1)
     if config.use_karras_sigmas:
       flipped = all_sigmas[::-1]
       sigmas = _karras(float(flipped[-1]), float(flipped[0]), num_steps)
       t = _sigma_to_t(sigmas, log_sigmas)
-      t = t.round() if config.beta_schedule != "squaredcos_cap_v2" else t
+      t = t.round() if config.beta_schedule != "squaredcos_cap_v2" or sampler == "unipc" else t
       t = t.astype(np.int64)
     else:
       sigmas = np.interp(t, np.arange(len(all_sigmas)), all_sigmas)
@@ -215,18 +297,43 @@ def noise_levels(config: ScheduleConfig, sampler: str, num_steps: int) -> NoiseL
     return NoiseLevels(sigmas, t.astype(np.float32), sigmas[1:], init_noise_sigma=float(
         np.sqrt(1 + float(sigmas[0]) ** 2)), final_scale=float(1 / np.sqrt(1 + float(last) ** 2)),
         final_first_order=first_order)
-  # Euler and Euler ancestral: fractional timesteps, sigmas interpolated in t.
+  # Euler, Euler ancestral, Heun, LMS: fractional timesteps, sigmas interpolated in t.
   t = _spaced(config, num_steps, integer=False)
   sigmas = np.interp(t, np.arange(len(all_sigmas)), all_sigmas)
   last = 0.0
-  if sampler == "euler":
-    if config.use_karras_sigmas:
-      sigmas = _karras(float(sigmas[-1]), float(sigmas[0]), num_steps)
-      t = _sigma_to_t(sigmas, log_sigmas)
-    if config.final_sigmas_type == "sigma_min":
-      last = sigma_min_last
+  if config.use_karras_sigmas and sampler in KARRAS_SAMPLERS:
+    sigmas = _karras(float(sigmas[-1]), float(sigmas[0]), num_steps)
+    t = _sigma_to_t(sigmas, log_sigmas)
+  if sampler == "euler" and config.final_sigmas_type == "sigma_min":
+    last = sigma_min_last
   sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
   smax = float(sigmas.max())
   init = smax if config.timestep_spacing in ("linspace", "trailing") else (smax ** 2 + 1) ** 0.5
   return NoiseLevels(sigmas, t.astype(np.float32), sigmas[1:], init_noise_sigma=float(init),
                      final_scale=1.0)
+
+
+def _pndm_levels(config: ScheduleConfig, num_steps: int, ac: np.ndarray,
+                 all_sigmas: np.ndarray) -> NoiseLevels:
+  """PLMS as diffusers' ``PNDMScheduler(skip_prk_steps=True)`` runs it: integer timesteps
+  t_0 > ... > t_{S-1}, model calls at t_0, t_1, t_1, t_2, ..., t_{S-1}. Call 0 steps from t_0
+  to t_0 - T/S; call 1 redoes that step from the same start with the mean of both
+  predictions, stepping from t_1 + T/S to t_1 (= t_0 -> t_1 for "leading" spacing); call
+  k >= 2 steps from t_{k-1} to t_{k-1} - T/S. A level below 0 is the final alphabar."""
+  t = _spaced(config, num_steps, integer=True)
+  ratio = config.num_train_timesteps // num_steps
+  final_ac = 1.0 if config.set_alpha_to_one else float(ac[0])
+  level = lambda step: (np.sqrt((1 - ac[step]) / ac[step]) if step >= 0
+                        else np.sqrt((1 - final_ac) / final_ac))
+  calls = [(t[0], t[0], t[0] - ratio)]
+  if num_steps > 1:
+    calls.append((t[1], t[1] + ratio, t[1]))
+    calls += [(t[k - 1], t[k - 1], t[k - 1] - ratio) for k in range(2, num_steps + 1)]
+  plms_sigmas = np.array([[level(m), level(f), level(p)] for m, f, p in calls], np.float32)
+  sigmas_next = np.array([level(s - ratio) for s in t], np.float32)
+  sigmas = np.concatenate([all_sigmas[t], plms_sigmas[-1:, 2]]).astype(np.float32)
+  return NoiseLevels(sigmas, t.astype(np.float32), sigmas_next,
+                     init_noise_sigma=float(np.sqrt(1 + float(sigmas[0]) ** 2)),
+                     final_scale=float(1 / np.sqrt(1 + float(sigmas[-1]) ** 2)),
+                     plms_timesteps=np.array([m for m, _, _ in calls], np.float32),
+                     plms_sigmas=plms_sigmas)
