@@ -36,6 +36,11 @@ SD15_UNET = {
 # InstructPix2Pix: the same UNet reading [noisy latent, image latent] (timbrooks/instruct-pix2pix).
 IP2P_UNET = {**SD15_UNET, "in_channels": 8}
 
+# Stable Diffusion 2.x (stabilityai/stable-diffusion-2-1): linear proj_in/proj_out, head
+# dims per block, OpenCLIP-H context (1024), 96x96 latents.
+SD2_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+            "use_linear_projection": True, "sample_size": 96}
+
 SD15_VAE = {
     "_class_name": "AutoencoderKL",
     "act_fn": "silu",
@@ -136,7 +141,7 @@ TINY_CLIP_VISION = {
 }
 
 ALL = {
-    "sd15_unet": SD15_UNET, "ip2p_unet": IP2P_UNET, "sd15_vae": SD15_VAE,
+    "sd15_unet": SD15_UNET, "ip2p_unet": IP2P_UNET, "sd2_unet": SD2_UNET, "sd15_vae": SD15_VAE,
     "clip_l14_text": CLIP_L14_TEXT, "clip_l14_vision": CLIP_L14_VISION,
     "tiny_unet": TINY_UNET, "tiny_ip2p_unet": TINY_IP2P_UNET, "tiny_vae": TINY_VAE,
     "tiny_clip_text": TINY_CLIP_TEXT, "tiny_clip_vision": TINY_CLIP_VISION,

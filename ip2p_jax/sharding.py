@@ -17,8 +17,8 @@ Glossary of logical names:
   VOCAB        rows of a token-embedding table.
   POSITION     rows of a position-embedding table.
 
-Mesh axes: ``data`` (batch), ``fsdp`` (parameters and batch), ``tensor``
-(model-parallel widths).
+Mesh axes: ``dcn`` (batch, across the slices of a multi-slice pod), ``data`` (batch),
+``fsdp`` (parameters and batch), ``tensor`` (model-parallel widths).
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ POSITION = "position"
 BATCH = "batch"
 LENGTH = "length"
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 # Editing/generation: the image batch over a one-axis "data" mesh, weights replicated.
 INFERENCE_RULES: tuple[tuple[str, str | None], ...] = ((BATCH, "data"),)
 
 DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
-    (BATCH, ("data", "fsdp")),
+    (BATCH, ("dcn", "data", "fsdp")),
     (EMBED, "fsdp"),
     (MLP, "tensor"),
     (HEADS, "tensor"),
@@ -69,54 +69,123 @@ def partitioned(init_fn, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
-def make_mesh(shape, devices=None):
-  """A ``jax.sharding.Mesh`` over ``MESH_AXES`` from ``{"data": -1, "fsdp": 4, ...}``;
-  one axis may be -1 to take the remaining devices."""
+def mesh_sizes(shape, n: int | None = None) -> dict[str, int]:
+  """``{"dcn": ., "data": ., "fsdp": ., "tensor": .}`` from a config's ``mesh`` for ``n``
+  devices (all of them by default); one axis may be -1 to take what the others leave."""
   import numpy as np
-  from jax.sharding import Mesh
-
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+  n = jax.device_count() if n is None else n
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+  sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ValueError("at most one mesh axis may be -1")
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if fill:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices are not divisible by {known}")
-    sizes[fill[0]] = len(devices) // known
-  if int(np.prod(list(sizes.values()))) != len(devices):
+    if n % known:
+      raise ValueError(f"{n} devices are not divisible by {known}")
+    sizes[fill[0]] = n // known
+  if int(np.prod(list(sizes.values()))) != n:
     raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
-                     f"have {len(devices)}")
-  return Mesh(np.array(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+                     f"have {n}")
+  return sizes
+
+
+def make_mesh(shape, devices=None):
+  """A ``jax.sharding.Mesh`` over ``MESH_AXES`` from ``{"data": -1, "fsdp": 4, ...}``.
+
+  Devices are laid out by ``jax.experimental.mesh_utils`` so that neighbours on a mesh
+  axis are neighbours on the chips' interconnect (ICI). ``dcn`` > 1 is the across-slice
+  axis of a multi-slice pod: ``create_hybrid_device_mesh`` puts it over the data-centre
+  network and keeps ``data``/``fsdp``/``tensor`` inside each slice (on machines without
+  slices, such as CPUs and GPUs, each process counts as one slice).
+  """
+  from jax.experimental import mesh_utils
+  from jax.sharding import Mesh
+
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes(shape, len(devices))
+  dcn = sizes["dcn"]
+  ici = [1] + [sizes[a] for a in MESH_AXES[1:]]
+  if dcn == 1:
+    array = mesh_utils.create_device_mesh(ici, devices)
+  else:
+    array = mesh_utils.create_hybrid_device_mesh(
+        ici, [dcn, 1, 1, 1], devices,
+        process_is_granule=not hasattr(devices[0], "slice_index"))
+  return Mesh(array, MESH_AXES)
+
+
+def _plan(boxed_abstract, mesh, rules):
+  """Per leaf: the PartitionSpec actually used and what of the rules could not be
+  followed (``[]`` when everything was)."""
+  from jax.sharding import PartitionSpec
+
+  table: dict[str, list] = {}
+  for name, target in rules:
+    table.setdefault(name, []).append(target)
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+
+  def one(leaf):
+    if not is_box(leaf):
+      return PartitionSpec(), []
+    shape = leaf.value.shape
+    names = tuple(leaf.names) + (None,) * (len(shape) - len(leaf.names))
+    used, dims, problems = set(), [], []
+    for size, name in zip(shape, names):
+      choice = None
+      for target in table.get(name, [None]) if name is not None else [None]:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)  # size-1 axes: nothing to do
+        if not axes:
+          break
+        if used & set(axes):
+          problems.append(f"{name} -> {'/'.join(axes)}: mesh axis already used by another "
+                          "dimension")
+          continue
+        n = 1
+        for a in axes:
+          n *= mesh.shape[a]
+        if size % n:
+          problems.append(f"{name} ({size}) -> {'/'.join(axes)} ({n}): does not divide")
+          continue
+        choice = axes
+        break
+      if choice:
+        used |= set(choice)
+        dims.append(choice[0] if len(choice) == 1 else choice)
+      else:
+        dims.append(None)
+    return PartitionSpec(*dims), problems
+
+  return jax.tree.map(one, boxed_abstract, is_leaf=is_box)
 
 
 def shardings(boxed_abstract, mesh, rules):
   """NamedShardings for a pytree whose parameters carry logical axis names (as made by
-  ``jax.eval_shape`` of an init); a dimension that does not divide its mesh axes is
-  replicated instead."""
-  from jax.sharding import NamedSharding, PartitionSpec
+  ``jax.eval_shape`` of an init). A dimension whose mesh axes do not divide it, or whose
+  mesh axis another dimension of the same array already took, is replicated instead
+  (:func:`unshardable` lists those)."""
+  from jax.sharding import NamedSharding
+  plan = _plan(boxed_abstract, mesh, rules)
+  return jax.tree.map(lambda p: NamedSharding(mesh, p[0]), plan,
+                      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                      and isinstance(x[1], list))
 
-  specs = nn.get_partition_spec(boxed_abstract)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = strip_boxes(boxed_abstract)
 
-  def fit(spec, leaf):
-    if not isinstance(spec, PartitionSpec):
-      return NamedSharding(mesh, PartitionSpec())
-    dims = []
-    for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      n = 1
-      for name in names:
-        n *= mesh.shape[name]
-      dims.append(axes if n > 1 and size % n == 0 else None)
-    return NamedSharding(mesh, PartitionSpec(*dims))
-  return jax.tree.map(fit, mesh_specs, shapes,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+def unshardable(boxed_abstract, mesh, rules) -> list[str]:
+  """``"path shape: why"`` for every parameter not sharded as its rules ask."""
+  plan = _plan(boxed_abstract, mesh, rules)
+  flat = jax.tree_util.tree_flatten_with_path(
+      plan, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], list))[0]
+  shapes = jax.tree.leaves(strip_boxes(boxed_abstract))
+  out = []
+  for (path, (_, problems)), leaf in zip(flat, shapes):
+    if problems:
+      out.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+                 f"{tuple(leaf.shape)}: {'; '.join(problems)}")
+  return out
 
 
 def constrain(x, axes):

@@ -223,7 +223,7 @@ class ResnetBlock2D(nn.Module):
     h = nn.silu(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
     h = conv(self.out_channels, 3, name="conv1", **kw)(h)
     if temb is not None:
-      t = dense(self.out_channels, (ax.EMBED, ax.CONV_OUT), name="time_emb_proj", **kw)(nn.silu(temb))
+      t = dense(self.out_channels, (ax.EMBED, ax.MLP), name="time_emb_proj", **kw)(nn.silu(temb))
       h = h + t[:, None, None, :]
     h = nn.silu(group_norm(self.groups, self.eps, name="norm2", **kw)(h))
     h = conv(self.out_channels, 3, name="conv2", **kw)(h)

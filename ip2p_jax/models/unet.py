@@ -121,7 +121,7 @@ class Transformer2DModel(nn.Module):
     inner = self.heads * self.head_dim
     y = layers.group_norm(self.groups, 1e-6, name="norm", **kw)(x)
     if self.use_linear_projection:
-      y = layers.dense(inner, (ax.EMBED, ax.EMBED), name="proj_in", **kw)(y.reshape(b, h * w, c))
+      y = layers.dense(inner, (ax.EMBED, ax.MLP), name="proj_in", **kw)(y.reshape(b, h * w, c))
     else:
       y = layers.conv(inner, 1, name="proj_in", **kw)(y).reshape(b, h * w, inner)
     for i in range(self.depth):
@@ -129,7 +129,7 @@ class Transformer2DModel(nn.Module):
                                 self.attention_implementation, upcast=self.upcast,
                                 name=f"transformer_blocks_{i}", **kw)(y, context)
     if self.use_linear_projection:
-      y = layers.dense(c, (ax.EMBED, ax.EMBED), name="proj_out", **kw)(y).reshape(b, h, w, c)
+      y = layers.dense(c, (ax.MLP, ax.EMBED), name="proj_out", **kw)(y).reshape(b, h, w, c)
     else:
       y = layers.conv(c, 1, name="proj_out", **kw)(y.reshape(b, h, w, inner))
     return y + x
