@@ -147,8 +147,13 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
 
 
 def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
-                           state: Mapping[str, np.ndarray], where: str) -> dict:
-  """Our parameter pytree from a PyTorch state dict; one error lists every problem."""
+                           state: Mapping[str, np.ndarray], where: str,
+                           shardings: Any = None) -> dict:
+  """Our parameter pytree from a PyTorch state dict; one error lists every problem.
+
+  ``shardings`` (a pytree of ``jax.sharding.Sharding`` like the params): each parameter
+  is made with ``jax.make_array_from_callback``, which asks only for the slices this
+  process's devices hold; over memory-mapped safetensors only those bytes are read."""
   expected = traverse_util.flatten_dict(abstract_params(module))
   params, missing, misshaped, used = {}, [], [], set()
   for path, spec in expected.items():
@@ -174,8 +179,19 @@ def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
         lines.append(f"  {len(items)} {title}: {shown}")
     raise CheckpointError("\n".join(lines))
   dtypes = {p: s.dtype for p, s in expected.items()}
+  if shardings is None:
+    return traverse_util.unflatten_dict(
+        {p: jnp.asarray(np.asarray(a, dtype=dtypes[p])) for p, a in params.items()})
+  placement = traverse_util.flatten_dict(dict(shardings))
   return traverse_util.unflatten_dict(
-      {p: jnp.asarray(np.asarray(a, dtype=dtypes[p])) for p, a in params.items()})
+      {p: _sharded(a, dtypes[p], placement[p]) for p, a in params.items()})
+
+
+def _sharded(array: np.ndarray, dtype, sharding) -> jax.Array:
+  """A global array whose shards are read from ``array`` (a memory-mapped view) only
+  for the devices of this process."""
+  return jax.make_array_from_callback(array.shape, sharding,
+                                      lambda index: np.asarray(array[index], dtype=dtype))
 
 
 def module_from_config(raw: Mapping[str, Any], *, dtype: Any = jnp.float32,
@@ -187,12 +203,15 @@ def module_from_config(raw: Mapping[str, Any], *, dtype: Any = jnp.float32,
 
 
 def load_component(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                   variant: str | None = None, **module_kwargs) -> tuple[nn.Module, dict]:
+                   variant: str | None = None, shardings: Any = None,
+                   **module_kwargs) -> tuple[nn.Module, dict]:
   """``(module, params)`` for one component folder (``config.json`` + safetensors).
 
   ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored
   in (fp16 files are upcast to it). ``module_kwargs`` go to the module
-  (e.g. ``attention_implementation``, ``remat`` for the UNet).
+  (e.g. ``attention_implementation``, ``remat`` for the UNet). ``shardings``: a
+  function ``module -> pytree of shardings``; each process then reads only the
+  parameter slices its devices hold (see :func:`params_from_state_dict`).
   """
   folder = resolve(path)
   where = os.path.join(folder, "config.json")
@@ -201,7 +220,8 @@ def load_component(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jn
   module = module_from_config(raw, dtype=dtype, param_dtype=param_dtype, where=where,
                               **module_kwargs)
   state = read_state_dict(folder, kind.weights_name, variant)
-  return module, params_from_state_dict(kind, module, state, folder)
+  placement = shardings(module) if shardings is not None else None
+  return module, params_from_state_dict(kind, module, state, folder, placement)
 
 
 def _version(package: str, fallback: str) -> str:

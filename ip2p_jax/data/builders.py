@@ -393,11 +393,13 @@ def _remove_import(out_dir: str, entries: list[str]) -> None:
 
 
 def find_dataset(path: str) -> str:
-  """The folder holding ``dataset_info.json`` at or below ``path``."""
-  if os.path.isfile(os.path.join(path, "dataset_info.json")):
-    return path
-  found = sorted(os.path.dirname(p) for p in
-                 glob.glob(os.path.join(path, "**", "dataset_info.json"), recursive=True))
+  """The folder holding ``dataset_info.json`` at or below ``path`` (local or a bucket,
+  through ``etils.epath``)."""
+  from etils import epath
+  root = epath.Path(path)
+  if (root / "dataset_info.json").is_file():
+    return str(path)
+  found = sorted(str(folder) for folder, _, files in root.walk() if "dataset_info.json" in files)
   if not found:
     raise FileNotFoundError(f"{path}: no TFDS dataset (dataset_info.json) found")
   if len(found) > 1:

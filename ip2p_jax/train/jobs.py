@@ -13,6 +13,7 @@ Stages (``config.stage``):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -21,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ip2p_jax import paths
 from ip2p_jax import tokenizer as tokenizers
-from ip2p_jax.checkpoints import (PipelineParts, load_component, load_pipeline,
-                                  module_from_config, save_component, save_pipeline)
-from ip2p_jax.diffusion import schedules
+from ip2p_jax.checkpoints import (PipelineParts, load_component, module_from_config, resolve,
+                                  save_component, save_pipeline)
+from ip2p_jax.diffusion import guidance, samplers, schedules
 from ip2p_jax.models import CLIPTextModel
 from ip2p_jax.train import objectives
 
@@ -43,7 +45,7 @@ class Job:
   stage: str
   module: Any                       # the trained Flax module
   init_params: Callable             # key -> params (boxed with logical axes) or None
-  loaded_params: Any                # params read from a folder, or None
+  load_params: Callable | None      # () -> params read from a folder (placed), or None
   frozen_modules: dict
   frozen_params: dict
   loss: Callable
@@ -63,23 +65,25 @@ def _random_params(module, key):
   return module.init(key, *module.dummy_inputs())["params"]
 
 
-def _frozen_encoders(config, kw) -> tuple[dict, dict, Any]:
+def _frozen_encoders(config, kw, place) -> tuple[dict, dict, Any]:
   """VAE and text encoder for the diffusion stages: from ``init_from`` (a pipeline
-  folder), from ``vae_from``/``text_encoder_from`` component folders, or random (tests)."""
+  folder), from ``vae_from``/``text_encoder_from`` component folders, or random (tests).
+  Weights read from folders are placed by ``place`` shard by shard."""
   m = config.model
   modules, params = {}, {}
   tokenizer = tokenizers.load()
   if m.init_from:
-    parts = load_pipeline(m.init_from, **kw)
-    tokenizer = parts.tokenizer
+    folder = resolve(m.init_from)
     for name in ("vae", "text_encoder"):
-      modules[name], params[name] = parts.modules[name], parts.params[name]
-    return modules, params, tokenizer
+      modules[name], params[name] = load_component(os.path.join(folder, name), shardings=place,
+                                                   **kw)
+    tok_dir = os.path.join(folder, "tokenizer")
+    return modules, params, tokenizers.load(tok_dir if os.path.isdir(tok_dir) else None)
   for i, (name, source, preset) in enumerate((("vae", m.vae_from, m.vae),
                                               ("text_encoder", m.text_encoder_from,
                                                m.text_encoder))):
     if source:
-      modules[name], params[name] = load_component(source, **kw)
+      modules[name], params[name] = load_component(source, shardings=place, **kw)
     else:  # random frozen encoders: only for tests and smoke runs
       modules[name] = module_from_config(_dict(preset), **kw)
       params[name] = nn.unbox(_random_params(modules[name], jax.random.key(1000 + i)))
@@ -88,7 +92,19 @@ def _frozen_encoders(config, kw) -> tuple[dict, dict, Any]:
   return modules, params, tokenizer
 
 
-def build(config) -> Job:
+def _host(x) -> np.ndarray:
+  """A (possibly multi-process) array's value on this host."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def build(config, place: Callable | None = None) -> Job:
+  """The job of ``config.stage``. ``place`` (``module -> pytree of shardings``) puts
+  weights read from folders straight onto their devices, each host reading only its
+  shards; the trained UNet is read only when ``job.load_params()`` is called (not on
+  resume) and each folder is read once."""
   stage = config.stage
   if stage not in STAGES:
     raise ValueError(f"config.stage must be one of {STAGES}, got {stage!r}")
@@ -99,25 +115,31 @@ def build(config) -> Job:
       scheduler_config, schedules.sampler_of_scheduler_config(scheduler_config))
 
   if stage in ("instruct_pix2pix", "text_to_image"):
-    frozen_modules, frozen_params, tokenizer = _frozen_encoders(config, kw)
+    frozen_modules, frozen_params, tokenizer = _frozen_encoders(config, kw, place)
     empty = tokenizers.tokenize(tokenizer, [""])[0]
     unet_kw = dict(kw, remat=m.remat)
-    loaded = None
+    load = None
     if m.init_from:
-      parts = load_pipeline(m.init_from, **unet_kw)
-      module, loaded = parts.modules["unet"], parts.params["unet"]
+      unet_dir = os.path.join(resolve(m.init_from), "unet")
+      with open(os.path.join(unet_dir, "config.json"), encoding="utf-8") as f:
+        stored = module_from_config(json.load(f), **unet_kw)
       latent = frozen_modules["vae"].config.latent_channels
       want = 2 * latent if stage == "instruct_pix2pix" else latent
-      if module.config.in_channels != want:
-        loaded = objectives.expand_conv_in(loaded, want)
-        module = module.clone(config=dataclasses.replace(module.config, in_channels=want))
+      module = stored if stored.config.in_channels == want else stored.clone(
+          config=dataclasses.replace(stored.config, in_channels=want))
+
+      def load():
+        _, params = load_component(unet_dir, shardings=place, **unet_kw)
+        if stored.config.in_channels != want:
+          params = objectives.expand_conv_in(params, want)
+        return params
     else:
       module = module_from_config(_dict(m.unet), **unet_kw)
     vae, text = frozen_modules["vae"], frozen_modules["text_encoder"]
     gamma = config.get("min_snr_gamma", 0.0)
     if config.data.get("latents"):  # a latent cache: the frozen encoders never run
-      empty_text = np.asarray(text.apply({"params": frozen_params["text_encoder"]},
-                                         empty[None]).last_hidden_state, np.float32)
+      empty_text = _host(text.apply({"params": frozen_params["text_encoder"]},
+                                    empty[None]).last_hidden_state).astype(np.float32)
       scale = vae.config.scaling_factor
       if stage == "instruct_pix2pix":
         loss = objectives.instruct_pix2pix_cached(module, schedule, empty_text, scale,
@@ -135,7 +157,7 @@ def build(config) -> Job:
       loss = objectives.text_to_image(module, vae, text, schedule, empty,
                                       caption_dropout=config.caption_dropout,
                                       min_snr_gamma=gamma)
-    return Job(stage, module, lambda k: _random_params(module, k), loaded, frozen_modules,
+    return Job(stage, module, lambda k: _random_params(module, k), load, frozen_modules,
                frozen_params, loss, tokenizer, scheduler_config)
 
   tokenizer = tokenizers.load()
@@ -163,9 +185,16 @@ def latent_scaling_factor(vae, params, images: np.ndarray, seed: int = 0) -> flo
   return float(1.0 / np.concatenate(samples).std())
 
 
-def export(job: Job, params, folder: str, calibration_images: np.ndarray | None = None) -> str:
-  """Writes the trained model in diffusers/transformers format; returns the folder. A
-  VAE's ``scaling_factor`` is measured on ``calibration_images`` when given."""
+def export(job: Job, params, folder, calibration_images: np.ndarray | None = None) -> str:
+  """Writes the trained model in diffusers/transformers format to ``folder`` (local or a
+  bucket: written locally, then copied); returns the folder. A VAE's ``scaling_factor``
+  is measured on ``calibration_images`` when given."""
+  with paths.local_folder(folder) as local:
+    _export(job, params, local, calibration_images)
+  return str(folder)
+
+
+def _export(job: Job, params, folder: str, calibration_images: np.ndarray | None) -> None:
   if job.stage in ("instruct_pix2pix", "text_to_image"):
     cls = ("StableDiffusionInstructPix2PixPipeline" if job.stage == "instruct_pix2pix"
            else "StableDiffusionPipeline")
@@ -185,7 +214,6 @@ def export(job: Job, params, folder: str, calibration_images: np.ndarray | None 
       text = CLIPTextModel(job.module.config.text_config)
       save_component(os.path.join(folder, "text_encoder"), text,
                      {"text_model": params["text_model"]})
-  return folder
 
 
 def pipeline(job: Job, params):
@@ -199,27 +227,103 @@ def pipeline(job: Job, params):
   return cls(parts)
 
 
-def samples(job: Job, params, examples: list[dict], steps: int, seed: int = 0) -> np.ndarray:
-  """A picture of what the model does on fixed examples (rows), as uint8 [H, W, 3]:
-  IP2P input | target | edit; text-to-image generations; VAE input | reconstruction."""
+SHEET_HEADERS = {"instruct_pix2pix": ("input", "target", "edit"),
+                 "text_to_image": ("training image", "generated"),
+                 "vae": ("input", "reconstruction")}
+
+
+def sample_inputs(job: Job, examples: list[dict]) -> dict[str, np.ndarray]:
+  """The arrays :func:`sampler` reads for fixed examples (decoded records at the
+  training resolution): token ids and uint8 pixels."""
   if job.stage == "instruct_pix2pix":
-    pipe = pipeline(job, params)
-    out = pipe([e["instruction"] for e in examples], [e["input_image"] for e in examples],
-               num_inference_steps=steps, seed=seed, output_type="np").images
-    rows = [np.concatenate([e["input_image"], e["edited_image"],
-                            (o * 255).round().astype(np.uint8)], 1) for e, o in zip(examples, out)]
-  elif job.stage == "text_to_image":
-    pipe = pipeline(job, params)
-    size = examples[0]["image"].shape[0]
-    out = pipe([e["caption"] for e in examples], height=size, width=size,
-               num_inference_steps=steps, seed=seed, output_type="np").images
-    rows = [np.concatenate([e["image"], (o * 255).round().astype(np.uint8)], 1)
-            for e, o in zip(examples, out)]
-  elif job.stage == "vae":
-    x = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1
-    recon, _ = job.module.apply({"params": params}, x)
-    recon = ((np.asarray(recon) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
-    rows = [np.concatenate([e["image"], r], 1) for e, r in zip(examples, recon)]
-  else:
-    raise ValueError(f"stage {job.stage!r} has no sample picture")
-  return np.concatenate(rows, 0)
+    return {"ids": tokenizers.tokenize(job.tokenizer, [e["instruction"] for e in examples]),
+            "empty": tokenizers.tokenize(job.tokenizer, [""]),
+            "pixels": np.stack([e["input_image"] for e in examples])}
+  if job.stage == "text_to_image":
+    return {"ids": tokenizers.tokenize(job.tokenizer, [e["caption"] for e in examples]),
+            "empty": tokenizers.tokenize(job.tokenizer, [""]),
+            "pixels": np.stack([e["image"] for e in examples])}
+  if job.stage == "vae":
+    return {"pixels": np.stack([e["image"] for e in examples])}
+  raise ValueError(f"stage {job.stage!r} has no sample picture")
+
+
+def sampler(job: Job, steps: int, seed: int = 0, text_scale: float = 7.5,
+            image_scale: float = 1.5) -> Callable:
+  """``fn(params, frozen, inputs) -> float images in [0, 1]``: a pure function of the
+  trained parameters, to jit once with the training run's shardings (the EMA weights
+  stay sharded; nothing is gathered). IP2P edits the input with two-scale guidance,
+  stage 1 generates from the caption with classifier-free guidance (both with the
+  folder's sampler and the CLI's scales), the VAE reconstructs."""
+  if job.stage == "vae":
+    def reconstruct(params, frozen, inputs):
+      del frozen
+      recon, _ = job.module.apply({"params": params}, objectives.to_unit(inputs["pixels"]))
+      return jnp.clip(recon.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return reconstruct
+  name = schedules.sampler_of_scheduler_config(job.scheduler_config)
+  schedule = schedules.ScheduleConfig.from_dict(job.scheduler_config, name)
+  levels = schedules.noise_levels(schedule, name, steps)
+  vae, text_encoder = job.frozen_modules["vae"], job.frozen_modules["text_encoder"]
+
+  def run(params, frozen, inputs):
+    encode = lambda ids: text_encoder.apply({"params": frozen["text_encoder"]},
+                                            ids).last_hidden_state.astype(job.module.dtype)
+    text = encode(inputs["ids"])
+    empty = jnp.broadcast_to(encode(inputs["empty"]), text.shape)
+    b = text.shape[0]
+    scale = lambda s: jnp.full((b,), s, jnp.float32)
+    network = lambda x, t, ctx: job.module.apply({"params": params}, x, t, ctx)
+    size = inputs["pixels"].shape[1] // (2 ** (len(vae.config.block_out_channels) - 1))
+    if job.stage == "instruct_pix2pix":
+      image = vae.apply({"params": frozen["vae"]}, objectives.to_unit(inputs["pixels"]),
+                        method="encode").mode().astype(jnp.float32)
+      denoiser = guidance.instruct_pix2pix(network, schedule.prediction_type, text, empty,
+                                           image, scale(text_scale), scale(image_scale))
+    else:
+      denoiser = guidance.classifier_free(network, schedule.prediction_type, text, empty,
+                                          scale(text_scale))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(b))
+    noise = jax.vmap(lambda k: jax.random.normal(
+        jax.random.fold_in(k, 0), (size, size, vae.config.latent_channels)))(keys)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    x = samplers.SAMPLER_FNS[name](denoiser, noise * levels.init_noise_sigma, levels, step_keys)
+    z = x * levels.final_scale / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    images = vae.apply({"params": frozen["vae"]}, z, method="decode")
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+  return run
+
+
+def sheet(stage: str, examples: list[dict], outputs: np.ndarray):
+  """A labelled PIL picture of what the model does on fixed examples: a header row
+  naming the columns, then per example its text (instruction or caption) above the
+  images (input | target | edit; training image | generated; input | reconstruction)."""
+  from PIL import Image, ImageDraw
+  headers = SHEET_HEADERS[stage]
+  outputs = (np.asarray(outputs) * 255).round().astype(np.uint8)
+  rows = []
+  for e, out in zip(examples, outputs):
+    if stage == "instruct_pix2pix":
+      rows.append((e["instruction"], [e["input_image"], e["edited_image"], out]))
+    elif stage == "text_to_image":
+      rows.append((e["caption"], [e["image"], out]))
+    else:
+      rows.append(("", [e["image"], out]))
+  size = rows[0][1][0].shape[0]
+  cell, text_h, pad = max(size, 96), 14, 4
+  width = len(headers) * (cell + pad) + pad
+  height = text_h + pad + len(rows) * (cell + text_h + pad) + pad
+  canvas = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(canvas)
+  for j, title in enumerate(headers):
+    draw.text((pad + j * (cell + pad), 2), title, fill="black")
+  y = text_h + pad
+  chars = max(8, width // 6)
+  for text, images in rows:
+    draw.text((pad, y), text if len(text) <= chars else text[:chars - 3] + "...", fill="black")
+    y += text_h
+    for j, im in enumerate(images):
+      tile = Image.fromarray(np.asarray(im)).resize((cell, cell), Image.Resampling.NEAREST)
+      canvas.paste(tile, (pad + j * (cell + pad), y))
+    y += cell + pad
+  return canvas
