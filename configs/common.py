@@ -6,9 +6,31 @@ import ml_collections
 
 from configs import models
 
-# Logical axis -> mesh axis (see ip2p_jax/sharding.py for the glossary of names).
+# Mesh axes (config.mesh; one may be -1: "the devices the others leave"):
+#   dcn     across the slices of a multi-slice TPU pod (data-centre network): batch only
+#   data    batch, weights replicated (plain data parallelism inside a slice)
+#   fsdp    batch and weights: each device holds 1/fsdp of every large weight (ZeRO-3)
+#   tensor  model parallelism: attention heads and feed-forward widths split
+# data x fsdp x tensor devices per slice, times dcn slices, must equal the device count.
+#
+# Logical axes (what model code names a parameter's dimensions; ip2p_jax/sharding.py):
+#   batch          the examples of a global batch (activations)
+#   embed          the model width a layer reads (a Dense kernel's input features)
+#   mlp            the width a layer writes (feed-forward, time embedding, proj_in)
+#   heads          query/key/value outputs, heads x head_dim
+#   kv             cross-attention keys/values' input (the text encoder's width)
+#   conv_in        input channels of a convolution kernel
+#   conv_out       output channels of a convolution kernel and its bias
+#   kernel_height, kernel_width   a convolution kernel's spatial size
+#   norm           scale/offset of a normalisation layer
+#   vocab          rows of a token-embedding table
+#   position       rows of a position-embedding table
+#   length         sequence positions (activations)
+# A rule maps a logical axis to mesh axes (None: replicated). A dimension its mesh axes
+# do not divide, or whose mesh axis another dimension of the same weight already took,
+# stays replicated; the run lists every such parameter once at start-up.
 FSDP_RULES = [
-    ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
+    ["batch", ["dcn", "data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
     ["kv", None], ["conv_in", None], ["conv_out", "fsdp"], ["kernel_height", None],
     ["kernel_width", None],
     ["norm", None], ["vocab", "tensor"], ["position", None], ["length", None],
@@ -73,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 3
-  c.log_every = 1
+  c.log_every = 1                  # loss/metrics read back (and NaN checked) every N steps
   c.sample_every = 0               # 0: only at the end
   c.num_samples = 4
   c.sample_steps = 10
@@ -84,8 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32
   c.export = True
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1))  # see above
   c.logical_axis_rules = FSDP_RULES
   c.device_peak_tflops = 0.0       # 0: look the device up (MFU is omitted if unknown)
   c.distributed = False            # jax.distributed.initialize() from the environment
+  # (TPU pods, SLURM); several processes then stop together on preemption (SIGTERM)
   return c

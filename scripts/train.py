@@ -4,7 +4,8 @@
       [--config.total_steps=100 --config.batch_size=8 ...]
 
 Thin on purpose: flags in, ``ip2p_jax.train.loop.train_and_evaluate`` does the work
-(call it from a notebook the same way). Unknown ``--config.*`` keys and bad values
+(call it from a notebook the same way). The console shows one line per ``log_every``
+steps; library INFO logs (orbax, absl) appear only with ``--verbosity=0`` (or higher). Unknown ``--config.*`` keys and bad values
 are one ``train.py: error:`` line and exit status 2 (``--debug`` shows the traceback).
 """
 import os
@@ -48,8 +49,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def quiet_unless_asked() -> None:
+  """Warnings and errors only, unless ``--verbosity`` was given: orbax and absl log a
+  dozen INFO lines per checkpoint, which would bury the progress lines."""
+  if flags.FLAGS["verbosity"].present:
+    return
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+
+
 def main(argv):
   del argv
+  quiet_unless_asked()
   from ip2p_jax.train.loop import train_and_evaluate
   summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   print(f"finished at step {summary['step']}: {summary['metrics']}; export: {summary['export']}")
