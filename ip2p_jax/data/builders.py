@@ -399,7 +399,11 @@ def find_dataset(path: str) -> str:
   root = epath.Path(path)
   if (root / "dataset_info.json").is_file():
     return str(path)
-  found = sorted(str(folder) for folder, _, files in root.walk() if "dataset_info.json" in files)
+  found, level = [], [root]
+  for _ in range(4):  # TFDS: DATA_DIR/name/config/version/dataset_info.json
+    level = [child for folder in level for child in folder.iterdir() if child.is_dir()]
+    found += [str(folder) for folder in level if (folder / "dataset_info.json").is_file()]
+  found.sort()
   if not found:
     raise FileNotFoundError(f"{path}: no TFDS dataset (dataset_info.json) found")
   if len(found) > 1:
