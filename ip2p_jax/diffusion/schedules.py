@@ -37,6 +37,9 @@ SAMPLERS = tuple(_CLASS)
 SCHEDULER_CLASSES = dict(_CLASS)
 # Samplers whose diffusers class has `use_karras_sigmas`.
 KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# Samplers whose diffusers class has `rescale_betas_zero_snr` (PNDM, LMS and Heun ignore it).
+ZERO_SNR_SAMPLERS = ("euler_ancestral", "euler", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde",
+                     "unipc")
 # Samplers that keep the variance-preserving latent between steps (diffusers' DDIM, PNDM,
 # DDPM, DPM-Solver and UniPC); the Euler family, LMS and Heun keep the VE sample.
 VP_SAMPLERS = ("ddim", "pndm", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -78,6 +81,7 @@ _OWN_KEYS = {
     "final_sigmas_type": ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc"),
     "lower_order_final": ("dpmpp_2m", "dpmpp_2m_sde", "unipc"),
     "euler_at_final": ("dpmpp_2m", "dpmpp_2m_sde"),
+    "rescale_betas_zero_snr": ZERO_SNR_SAMPLERS,
 }
 
 
@@ -92,6 +96,7 @@ class ScheduleConfig:
   prediction_type: str = "epsilon"  # or "v_prediction", "sample"
   timestep_spacing: str = "linspace"  # or "leading", "trailing"
   steps_offset: int = 0
+  rescale_betas_zero_snr: bool = False  # Lin et al. 2023: alphabar_T = 0 (needs v/x0 targets)
   use_karras_sigmas: bool = False
   final_sigmas_type: str = "zero"  # or "sigma_min"
   set_alpha_to_one: bool = True  # DDIM, PNDM: the last step lands on alphabar = 1
@@ -108,7 +113,7 @@ class ScheduleConfig:
   variance_type: str = "fixed_small"  # DDPM: or "fixed_small_log", "fixed_large"
 
   UNSUPPORTED = {
-      "trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
+      "trained_betas": None, "thresholding": False,
       "interpolation_type": "linear", "timestep_type": "discrete", "use_exponential_sigmas": False,
       "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
       "sigma_min": None, "sigma_max": None, "lambda_min_clipped": -math.inf,
@@ -174,6 +179,22 @@ def sampler_of_scheduler_config(raw: Mapping[str, Any]) -> str:
 
 
 def betas(config: ScheduleConfig) -> np.ndarray:
+  b = _base_betas(config)
+  return _zero_terminal_snr(b) if config.rescale_betas_zero_snr else b
+
+
+def _zero_terminal_snr(betas_: np.ndarray) -> np.ndarray:
+  """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphabar) so that alphabar_T = 0
+  (the last timestep is pure noise, no signal leaks to the sampler's first step) and
+  alphabar_0 is unchanged. float32 throughout, in diffusers' order of operations."""
+  root = np.sqrt(np.cumprod(1.0 - betas_, dtype=np.float32))
+  first, last = root[0].copy(), root[-1].copy()
+  root = (root - last) * (first / (first - last))
+  bar = root ** 2
+  return (1.0 - np.concatenate([bar[:1], bar[1:] / bar[:-1]])).astype(np.float32)
+
+
+def _base_betas(config: ScheduleConfig) -> np.ndarray:
   n = config.num_train_timesteps
   if config.beta_schedule == "linear":
     return np.linspace(config.beta_start, config.beta_end, n, dtype=np.float32)
@@ -186,12 +207,24 @@ def betas(config: ScheduleConfig) -> np.ndarray:
 
 
 def alphas_cumprod(config: ScheduleConfig) -> np.ndarray:
+  """alphabar_t of training; 0 at the last step under zero terminal SNR."""
   return np.cumprod(1.0 - betas(config), dtype=np.float32)
 
 
-def train_sigmas(config: ScheduleConfig) -> np.ndarray:
-  """sigma_t for every training timestep t."""
+def sampling_alphas_cumprod(config: ScheduleConfig) -> np.ndarray:
+  """alphabar_t as the samplers use it: under zero terminal SNR the last one is 2^-24, as
+  in diffusers (sigma_T = 4096 instead of infinity)."""
   ac = alphas_cumprod(config)
+  if config.rescale_betas_zero_snr:
+    ac = ac.copy()
+    ac[-1] = 2.0 ** -24
+  return ac
+
+
+def train_sigmas(config: ScheduleConfig) -> np.ndarray:
+  """sigma_t for every training timestep t, as the samplers see it (finite at t = T under
+  zero terminal SNR; see :func:`sampling_alphas_cumprod`)."""
+  ac = sampling_alphas_cumprod(config)
   return ((1 - ac) / ac) ** 0.5
 
 
@@ -258,7 +291,7 @@ def noise_levels(config: ScheduleConfig, sampler: str, num_steps: int) -> NoiseL
   """The noise levels of diffusers' scheduler for ``sampler`` after ``set_timesteps``."""
   if num_steps < 1:
     raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
-  ac = alphas_cumprod(config)
+  ac = sampling_alphas_cumprod(config)
   all_sigmas = train_sigmas(config)
   log_sigmas = np.log(all_sigmas)
   sigma_min_last = float(all_sigmas[0])

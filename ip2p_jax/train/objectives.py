@@ -57,8 +57,8 @@ def snr_weights(schedule: schedules.ScheduleConfig, t: jax.Array, gamma: float) 
   ac = jnp.asarray(schedules.alphas_cumprod(schedule))[t]
   snr = ac / (1 - ac)
   clipped = jnp.minimum(snr, gamma)
-  if schedule.prediction_type == "epsilon":
-    return clipped / snr
+  if schedule.prediction_type == "epsilon":  # 0 where SNR = 0 (zero terminal SNR): x0 is
+    return jnp.where(snr > 0, clipped / jnp.maximum(snr, 1e-20), 0.0)  # not in the target
   if schedule.prediction_type == "v_prediction":
     return clipped / (snr + 1)
   return clipped
