@@ -32,10 +32,14 @@ setup(
         "tqdm",
         "matplotlib",  # ip2p eval --sweep plot
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "etils[epath]",  # workdirs, checkpoints and exports that may be gs:// paths
+        "fsspec",
     ],
     extras_require={
         # torch is the PyTorch reference our numbers are checked against (tests only).
         "test": ["pytest", "torch==2.13.0"],
+        # gs:// workdirs: etils.epath reads/writes through gcsfs; orbax asks GCS about buckets.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
     entry_points={"console_scripts": ["ip2p = ip2p_jax.cli:main"]},
 )

@@ -5,9 +5,11 @@ lr 1e-4 constant, 10k steps, 256 px, EMA 0.9999, conditioning dropout 5/5/5%,
 initialised from SD 1.5 (conv_in expanded 4 -> 8, bias kept). bf16 compute with fp32
 master weights, FSDP over all chips.
 
-  ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py gs://bucket/ip2p \
-      --config.model.init_from=/path/to/stable-diffusion-v1-5 \
-      --config.data.path=/path/to/instructpix2pix_tfds
+  TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py \
+      gs://YOUR_BUCKET/ip2p --config.model.init_from=/data/sd15 --config.data.path=/data/ip2p
+
+(the SD 1.5 folder and a dataset built by `ip2p data import`, at the same local path on
+every host). Expected speed on v5e-64 / v5p-128: BENCHMARKS.md, "Pod plan".
 """
 from configs import models
 from configs.common import base_config

@@ -3,27 +3,37 @@
 # Every host runs the same command; jax.distributed.initialize() (config.distributed)
 # discovers the pod from the TPU metadata, and each host feeds its own data shard.
 #
-#   TPU=ip2p-pod ZONE=us-central2-b TYPE=v4-64 ./scripts/tpu_pod.sh create
-#   TPU=ip2p-pod ZONE=us-central2-b ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py gs://bucket/run1
-#   TPU=ip2p-pod ZONE=us-central2-b ./scripts/tpu_pod.sh logs
-#   TPU=ip2p-pod ZONE=us-central2-b ./scripts/tpu_pod.sh stop     # SIGTERM: checkpoint, then exit
-#   TPU=ip2p-pod ZONE=us-central2-b ./scripts/tpu_pod.sh delete
+# `create` makes the slice and copies this checkout (the folder this script is in) to every
+# host, then installs it with the gs:// extras; nothing but gcloud and a bucket you own is
+# named. The workdir is a bucket path shared by all hosts; the dataset and the SD folder
+# must be readable on every host at the same path (ArrayRecord and safetensors are read
+# from local disk: copy them to each host or mount the bucket with gcsfuse).
 #
-# Preemptible/spot slices: rerun `launch` with the same WORKDIR after a preemption; the
-# run resumes from its last checkpoint (the SIGTERM handler saves one on the way out).
+#   TPU=ip2p-pod ZONE=us-west4-a TYPE=v5litepod-64 ./scripts/tpu_pod.sh create
+#   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py \
+#       gs://YOUR_BUCKET/ip2p --config.model.init_from=/data/sd15 --config.data.path=/data/ip2p
+#   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh logs
+#   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh stop     # SIGTERM: checkpoint, then exit
+#   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh delete
+#
+# Preemptible/spot slices (SPOT=1 at create): on a preemption notice all hosts agree on
+# one step (JAX's preemption sync point), save it together and exit; rerun `launch` with
+# the same WORKDIR and the run resumes from that checkpoint.
 set -euo pipefail
 : "${TPU:?set TPU to the pod name}" "${ZONE:?set ZONE}"
-TYPE="${TYPE:-v4-32}"
-VERSION="${VERSION:-tpu-ubuntu2204-base}"
-REPO="${REPO:-https://github.com/your-org/ip2p_jax.git}"
+TYPE="${TYPE:-v5litepod-64}"
+VERSION="${VERSION:-v2-alpha-tpuv5-lite}"
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
 gc() { gcloud compute tpus tpu-vm "$@" --zone "$ZONE"; }
 on_all() { gc ssh "$TPU" --worker=all --command "$1"; }
 
 case "${1:-}" in
   create)
     gc create "$TPU" --accelerator-type "$TYPE" --version "$VERSION" ${SPOT:+--spot}
-    on_all "git clone $REPO ip2p_jax || (cd ip2p_jax && git pull); cd ip2p_jax && \
-      python3 -m venv .venv && . .venv/bin/activate && pip install -e . 'jax[tpu]'"
+    tar -C "$HERE" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/ip2p_jax.tgz .
+    gc scp /tmp/ip2p_jax.tgz "$TPU":ip2p_jax.tgz --worker=all
+    on_all "mkdir -p ip2p_jax && tar -C ip2p_jax -xzf ip2p_jax.tgz && cd ip2p_jax && \
+      python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[gcs]' 'jax[tpu]'"
     ;;
   launch)
     config="${2:?config file}"; workdir="${3:?workdir (gs:// or a shared path)}"; shift 3
