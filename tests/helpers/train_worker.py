@@ -112,4 +112,5 @@ flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(
 device = jax.local_devices()[0]
 local_bytes = sum(s.data.nbytes for leaf in jax.tree.leaves(state.params)
                   for s in leaf.addressable_shards if s.device == device)
-np.savez(args.out, __local_bytes__=np.array(local_bytes), **flat)
+np.savez(args.out, __local_bytes__=np.array(local_bytes),
+         __step__=np.array(int(jax.device_get(state.step))), **flat)
