@@ -8,7 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ip2p_jax", "ip2p_jax.*"]),
+    # configs/ (top level, where --config= paths point) is installed as ip2p_jax.configs.
+    packages=find_packages(include=["ip2p_jax", "ip2p_jax.*"]) + ["ip2p_jax.configs"],
+    package_dir={"ip2p_jax.configs": "configs"},
     package_data={"ip2p_jax": ["assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
     install_requires=[

@@ -1,6 +1,7 @@
 """The keys every training config has, with their defaults (see ``scripts/train.py``).
 
-Overrides on the command line are strict: ``--config.not_a_key=1`` is an error.
+Strict: the returned ``ConfigDict`` is locked, so ``c.totl_steps = 3`` in Python is an
+error, as ``--config.not_a_key=1`` on the command line is.
 """
 import ml_collections
 
@@ -111,4 +112,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_peak_tflops = 0.0       # 0: look the device up (MFU is omitted if unknown)
   c.distributed = False            # jax.distributed.initialize() from the environment
   # (TPU pods, SLURM); several processes then stop together on preemption (SIGTERM)
+  c.lock()  # strict: assigning a key that does not exist is an error
   return c
