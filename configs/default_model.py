@@ -19,10 +19,14 @@ resumable and each initialised from the previous one's export:
   python scripts/train.py --config=configs/default_model.py:vae --workdir=runs/default/vae
 
 Levers (what each bought is measured in README.md, "The default model"):
-v-prediction (Salimans & Ho 2022) instead of epsilon, so the high-noise steps that settle
-the global colours must read the input image; Min-SNR-5 loss weights (Hang et al. 2023)
-for stage 1 only; "trailing" timesteps, so sampling starts at t = 999; the data's own
-latent scale; a latent cache, so the diffusion stages run only the UNet.
+zero terminal SNR (Lin et al. 2023) for both diffusion stages: with SD's schedule
+x_999 keeps sqrt(0.0047) of the target latent, and on flat-colour scenes that leak
+carries the background's colour (noise averages out over 16x16 positions), so the
+model read the colours from x_T instead of the input image, and at sampling time,
+where x_T is pure noise, got them wrong; v-prediction (Salimans & Ho 2022), which zero
+terminal SNR needs (at t = 999 the target is -x0); "trailing" timesteps, so sampling
+starts at t = 999; the data's own latent scale; a latent cache, so the diffusion stages
+run only the UNet.
 """
 from configs import models
 from configs.common import IP2P_SCHEDULER, base_config

@@ -1,6 +1,7 @@
-"""The default model's learning curves: held-out edit success (``eval/...`` records of
-metrics.jsonl) against training step, for stage 2 from the stage-1 UNet and from a
-random UNet (the paper's claim that stage 1 matters), on one plot.
+"""The default model's learning curves: held-out edit success and PSNR outside the
+edited region (``eval/...`` records of metrics.jsonl) against training step, for stage 2
+from the stage-1 UNet and from a random UNet (the paper's claim that stage 1 matters),
+and, where its folder is kept, the earlier run on SD's schedule (nonzero terminal SNR).
 
   python scripts/plot_learning_curves.py [--runs runs/default] [-o examples/default_model_learning_curves.png]
 """
@@ -15,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = (("success", "all edits"), ("success/recolor", "recolour"),
           ("success/background", "background"))
-RUNS = (("ip2p", "from stage 1", "-"), ("scratch", "from a random UNet", "--"))
+RUNS = (("ip2p", "from stage 1", "-"), ("scratch", "from a random UNet", "--"),
+        ("ip2p_leak", "SD schedule (signal leak)", ":"))
 
 
 def read_evals(path: str) -> list[dict]:
@@ -28,7 +30,7 @@ def main():
   parser.add_argument("--runs", default="runs/default")
   parser.add_argument("-o", "--output", default="examples/default_model_learning_curves.png")
   args = parser.parse_args()
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  fig, (ax, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for run, label, style in RUNS:
     path = os.path.join(args.runs, run, "metrics.jsonl")
@@ -41,12 +43,22 @@ def main():
         steps, values = zip(*points)
         ax.plot(steps, values, style, color=color, marker="o", markersize=3,
                 label=f"{name}, {label}")
+    points = [(r["step"], r["eval/psnr_outside"]) for r in records if "eval/psnr_outside" in r]
+    if points:
+      steps, values = zip(*points)
+      ax_psnr.plot(steps, values, style, color="k", marker="o", markersize=3, label=label)
   ax.set_xlabel("stage-2 training step (batch 32)")
   ax.set_ylabel("held-out success")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
-  ax.set_title("Default model: held-out edit success while training")
+  ax.set_title("held-out edit success")
+  ax_psnr.set_xlabel("stage-2 training step (batch 32)")
+  ax_psnr.set_ylabel("PSNR outside the edited region (dB)")
+  ax_psnr.axhline(25, color="gray", lw=0.8, ls="--")
+  ax_psnr.grid(alpha=0.3)
+  ax_psnr.legend(fontsize=7, loc="lower right")
+  ax_psnr.set_title("keeping the rest of the picture (bar: 25 dB)")
   fig.tight_layout()
   fig.savefig(args.output)
   print(f"wrote {args.output}")
