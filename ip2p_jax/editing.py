@@ -41,7 +41,7 @@ MAX_SEED = 2 ** 32 - 1
 RECORD_KEY = "ip2p_jax"  # the PNG text chunk holding an output's record
 MANIFEST = "manifest.json"
 # The record keys an output's pixels depend on, besides its input file.
-RECIPE_KEYS = ("instruction", "seed", "text_scale", "image_scale", "steps", "sampler",
+RECIPE_KEYS = ("instruction", "seed", "text_scale", "image_scale", "steps", "sampler", "karras",
                "resolution", "resize", "dtype", "model")
 
 
@@ -53,11 +53,12 @@ class EditError(ValueError):
 @dataclasses.dataclass
 class EditSettings:
   prompt: str
-  steps: int = 50
+  steps: int = 50  # pipelines.DEFAULT_STEPS
   text_scale: float = 7.5
   image_scale: float = 1.5
   seed: int = 0
   sampler: str | None = None
+  karras: bool = False  # Karras sigmas (diffusers' use_karras_sigmas)
   resolution: int = 512
   resize: str = "fit"
   batch_size: int = 1
@@ -198,6 +199,7 @@ def recipe(settings: EditSettings, sampler: str, model: str) -> dict:
   s = settings
   return dict(instruction=s.prompt, seed=s.seed, text_scale=s.text_scale,
               image_scale=s.image_scale, steps=s.steps, sampler=sampler,
+              karras=True if s.karras else None,  # None: records from before --karras match
               resolution=s.resolution, resize=s.resize, dtype=s.dtype, model=model)
 
 
@@ -364,7 +366,7 @@ def edit_files(pipe, inputs: Sequence[str], out_dir: str, settings: EditSettings
 
 
 def _edit(pipe, plan: Plan, settings: EditSettings, report: Report, progress) -> None:
-  multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+  multiple = pipe.size_multiple
   bar = progress(total=len(plan.todo)) if progress else None
   # Load a window at a time, group by prepared size (one compiled program per size).
   for window in _batches(plan.todo, max(settings.batch_size * 8, 8)):
@@ -384,7 +386,8 @@ def _edit(pipe, plan: Plan, settings: EditSettings, report: Report, progress) ->
         result = pipe(settings.prompt, [p.image for _, p in batch],
                       num_inference_steps=settings.steps, guidance_scale=settings.text_scale,
                       image_guidance_scale=settings.image_scale, seed=settings.seed,
-                      scheduler=plan.recipe["sampler"], image_ids=[it.noise_id for it, _ in batch])
+                      scheduler=plan.recipe["sampler"], image_ids=[it.noise_id for it, _ in batch],
+                      use_karras_sigmas=True if settings.karras else None, progress_bar=False)
         for (it, prepared), edited in zip(batch, result.images):
           rec = record(it, plan.recipe)
           imagelib.save(imagelib.unpad(edited, prepared), it.output,
@@ -405,13 +408,13 @@ def scale_grid(pipe, image: Image.Image, settings: EditSettings, text_scales: Se
   batch and one compiled program."""
   if not text_scales or not image_scales:
     raise EditError("the grid needs at least one text scale and one image scale")
-  multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-  prepared = imagelib.prepare(image, settings.resolution, settings.resize, multiple)
+  prepared = imagelib.prepare(image, settings.resolution, settings.resize, pipe.size_multiple)
   cells = [(t, s) for s in image_scales for t in text_scales]
   result = pipe(settings.prompt, [prepared.image] * len(cells),
                 num_inference_steps=settings.steps,
                 guidance_scale=[t for t, _ in cells], image_guidance_scale=[s for _, s in cells],
-                seed=settings.seed, scheduler=settings.sampler, image_ids=[noise_id] * len(cells))
+                seed=settings.seed, scheduler=settings.sampler, image_ids=[noise_id] * len(cells),
+                use_karras_sigmas=True if settings.karras else None, progress_bar=False)
   tiles = [imagelib.unpad(im, prepared) for im in result.images]
   w, h = tiles[0].size
   left, top = 64, 18  # room for the row and column labels (PIL's default font)

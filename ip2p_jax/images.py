@@ -128,6 +128,45 @@ def to_array(images) -> np.ndarray:
   return np.stack(out)
 
 
+def model_inputs(images, multiple: int, resolution: int | None = None, mode: str = "fit",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+  """The one image preparation of the Python API and ``ip2p edit``: float32 NHWC pixels
+  in [-1, 1] whose sides are multiples of ``multiple``, and each image's content box
+  (left, top, right, bottom) to crop the result back to.
+
+  ``images``: a path, PIL image or array, or a list of them (all ending the same size).
+  ``resolution`` None keeps each image's size and pads it (edge-replicated, centred) to the
+  next multiple; otherwise :func:`prepare` with ``mode`` scales the longest side to
+  ``resolution`` first ("fit" pads, "crop"/"resize" fill the frame)."""
+  if isinstance(images, (str, os.PathLike, Image.Image)) or (
+      isinstance(images, np.ndarray) and images.ndim == 3):
+    images = [images]
+  pixels, boxes = [], []
+  for im in images:
+    if isinstance(im, (str, os.PathLike)):
+      im = load(os.fspath(im), max_pixels)
+    if resolution is not None:
+      if not isinstance(im, Image.Image):
+        a = np.asarray(im)
+        im = Image.fromarray(a if a.dtype == np.uint8 else
+                             (np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+      prepared = prepare(im, resolution, mode, multiple)
+      pixels.append(to_array(prepared.image)[0])
+      boxes.append(prepared.content_box)
+      continue
+    a = to_array(im)[0]
+    h, w = a.shape[:2]
+    th, tw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    top, left = (th - h) // 2, (tw - w) // 2
+    pixels.append(np.pad(a, ((top, th - h - top), (left, tw - w - left), (0, 0)), mode="edge"))
+    boxes.append((left, top, left + w, top + h))
+  shapes = {a.shape for a in pixels}
+  if len(shapes) != 1:
+    raise ImageError(f"images in one call must end the same size, got {sorted(shapes)}; "
+                     "pass resolution= with mode='crop' or 'resize', or call once per size")
+  return np.stack(pixels), boxes
+
+
 def to_pil(images: np.ndarray) -> list[Image.Image]:
   """Float images in [0, 1] (NHWC) -> PIL, rounding like diffusers."""
   return [Image.fromarray((np.asarray(x) * 255).round().astype(np.uint8)) for x in images]

@@ -7,6 +7,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# The library turns JAX's persistent compilation cache on; tests keep it out of ~/.cache
+# (tests of the cache itself set their own folder).
+os.environ.setdefault("IP2P_COMPILATION_CACHE", "off")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import numpy as np

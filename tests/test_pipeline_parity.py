@@ -4,8 +4,10 @@ Same weights (saved by diffusers), same initial latents, 7 steps (1000 / 7 is no
 integer, so "trailing" and "linspace" DDIM step to levels between their timesteps),
 a non-square image size and a batch of 2 with different prompts: max abs difference of the
 output images in [0, 1] <= 2e-3, for every timestep spacing ("leading",
-"linspace", "trailing") x every sampler: DDIM (eta 0), Euler, DPM-Solver++(2M),
-and Euler ancestral with its fresh noise set to zero on both sides.
+"linspace", "trailing") x every sampler: DDIM (eta 0), Euler, DPM-Solver++(2M), Heun,
+LMS, PNDM (PLMS), UniPC, and Euler ancestral, DDPM and DPM-Solver++(2M) SDE with their
+fresh noise set to zero on both sides; Karras sigmas; a folder saved with Stable Diffusion
+1.5's scheduler (PNDM) runs PNDM by default.
 """
 import diffusers
 import numpy as np
@@ -15,16 +17,25 @@ from PIL import Image
 
 from conftest import nchw
 from ip2p_jax import InstructPix2PixPipeline, TextToImagePipeline
-from pipeline_fixtures import save_ip2p, save_sd
+from ip2p_jax.diffusion import schedules
+from pipeline_fixtures import SCHEDULER, save_ip2p, save_sd
 
 TOL = 2e-3
 SPACINGS = ["leading", "linspace", "trailing"]
-SAMPLERS = ["ddim", "euler", "dpmpp_2m", "euler_ancestral"]
+SAMPLERS = list(schedules.SAMPLERS)
+T2I_SAMPLERS = ["ddim", "euler", "dpmpp_2m", "euler_ancestral", "pndm", "unipc"]
 PROMPTS = ["turn the sky red", "add a small boat"]
 STEPS = 7  # 1000 / 7 is no integer: "trailing" DDIM steps to levels between its timesteps
-DIFFUSERS_SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
-                        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-                        "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler}
+NOISY = ("euler_ancestral", "ddpm", "dpmpp_2m_sde")
+# What each sampler name means on top of its class (schedules.py's forced keys).
+NAME_KEYS = {"dpmpp_2m": dict(algorithm_type="dpmsolver++"),
+             "dpmpp_2m_sde": dict(algorithm_type="sde-dpmsolver++"),
+             "pndm": dict(skip_prk_steps=True)}
+
+
+def diffusers_scheduler(sampler, config):
+  cls = getattr(diffusers, schedules.SCHEDULER_CLASSES[sampler])
+  return cls.from_config({**config, **NAME_KEYS.get(sampler, {})})
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,12 @@ def inputs():
 
 
 def _zero_ancestral_noise(monkeypatch):
+  import diffusers.schedulers.scheduling_ddpm as ddpm
+  import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm
   import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
-  monkeypatch.setattr(ea, "randn_tensor", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
+  zeros = lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype") or torch.float32)
+  for module in (ea, ddpm, dpm):
+    monkeypatch.setattr(module, "randn_tensor", zeros)
   import ip2p_jax.diffusion.samplers as s
   monkeypatch.setattr(s, "step_noise", lambda keys, step, like: np.zeros(like.shape, like.dtype))
 
@@ -59,7 +74,7 @@ def _zero_ancestral_noise(monkeypatch):
 def _use_spacing(ref, ours, sampler: str, spacing: str) -> None:
   """Both pipelines on ``sampler`` with ``timestep_spacing = spacing``."""
   config = {**ref.scheduler.config, "timestep_spacing": spacing}
-  ref.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(config)
+  ref.scheduler = diffusers_scheduler(sampler, config)
   ours.scheduler_config = {**ours.scheduler_config, "timestep_spacing": spacing}
   ours._compiled.clear()
 
@@ -69,7 +84,7 @@ def _use_spacing(ref, ours, sampler: str, spacing: str) -> None:
 def test_instruct_pix2pix_matches_diffusers(ip2p, inputs, sampler, spacing, monkeypatch):
   ref, ours = ip2p
   images, latents = inputs
-  if sampler == "euler_ancestral":
+  if sampler in NOISY:
     _zero_ancestral_noise(monkeypatch)
   _use_spacing(ref, ours, sampler, spacing)
   want = ref(PROMPTS, image=images, num_inference_steps=STEPS, guidance_scale=7.5,
@@ -99,11 +114,46 @@ def test_guidance_off_matches_diffusers(ip2p, inputs, scales):
   assert np.abs(got - want).max() <= TOL
 
 
+@pytest.mark.parametrize("sampler", schedules.KARRAS_SAMPLERS)
+def test_karras_sigmas_match_diffusers(ip2p, inputs, sampler, monkeypatch):
+  ref, ours = ip2p
+  images, latents = inputs
+  if sampler in NOISY:
+    _zero_ancestral_noise(monkeypatch)
+  ref.scheduler = diffusers_scheduler(sampler, {**SCHEDULER, "use_karras_sigmas": True})
+  ours.scheduler_config = {"_class_name": "EulerAncestralDiscreteScheduler", **SCHEDULER}
+  ours._compiled.clear()
+  want = ref(PROMPTS, image=images, num_inference_steps=STEPS,
+             latents=torch.from_numpy(nchw(latents)), output_type="np").images
+  got = ours(PROMPTS, images, num_inference_steps=STEPS, latents=latents, scheduler=sampler,
+             use_karras_sigmas=True, output_type="np").images
+  err = np.abs(got - want).max()
+  print(f"ip2p {sampler} karras: max abs {err:.2e}")
+  assert err <= TOL
+
+
+def test_a_pndm_folder_runs_pndm(tmp_path, inputs):
+  """Stable Diffusion 1.5's scheduler_config.json (PNDM, PLMS, leading + offset 1): with
+  no sampler named, ours runs PNDM and matches diffusers running the folder as saved."""
+  images, latents = inputs
+  ref = save_ip2p(tmp_path)
+  ref.scheduler = diffusers.PNDMScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+      set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+  ref.save_pretrained(tmp_path)
+  ours = InstructPix2PixPipeline.from_pretrained(str(tmp_path))
+  assert ours.sampler_and_levels(None, STEPS)[0] == "pndm"
+  want = ref(PROMPTS, image=images, num_inference_steps=STEPS,
+             latents=torch.from_numpy(nchw(latents)), output_type="np").images
+  got = ours(PROMPTS, images, num_inference_steps=STEPS, latents=latents, output_type="np").images
+  assert np.abs(got - want).max() <= TOL
+
+
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", T2I_SAMPLERS)
 def test_text_to_image_matches_diffusers(sd, sampler, spacing, monkeypatch):
   ref, ours = sd
-  if sampler == "euler_ancestral":
+  if sampler in NOISY:
     _zero_ancestral_noise(monkeypatch)
   latents = np.random.default_rng(1).standard_normal((2, 8, 12, 4)).astype(np.float32)
   _use_spacing(ref, ours, sampler, spacing)

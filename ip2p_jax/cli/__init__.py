@@ -10,14 +10,22 @@ from __future__ import annotations
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
+  """The whole ``ip2p`` argument parser (no JAX imported)."""
+  from ip2p_jax import __version__
   from ip2p_jax.cli import common, data, edit, eval, info
-  argv, debug = common.pop_debug(sys.argv[1:] if argv is None else list(argv))
   parser = common.Parser(
       prog="ip2p", description="InstructPix2Pix in JAX: edit images by instructions. "
       "--debug (anywhere) shows a traceback instead of the one-line error.")
+  parser.add_argument("--version", action="version", version=f"ip2p {__version__}")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for module in (edit, data, info, eval):
     module.add_parser(sub)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  from ip2p_jax.cli import common
+  argv, debug = common.pop_debug(sys.argv[1:] if argv is None else list(argv))
+  args = build_parser().parse_args(argv)
   return common.run_command(args, debug)

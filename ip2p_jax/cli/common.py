@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from ip2p_jax import bundled
+from ip2p_jax.diffusion.schedules import SAMPLERS
 
 
 class CommandError(Exception):
@@ -32,16 +33,27 @@ def resolve_model(model: str | None) -> str:
       "`--model ip2p-model`).")
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
-  """JAX's persistent compilation cache, so a second run does not recompile."""
-  import jax
-  path = path or os.environ.get("IP2P_COMPILATION_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "ip2p_jax", "xla")
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return path
+def enable_compilation_cache(path: str | None = None) -> str | None:
+  """JAX's persistent compilation cache, so a second run does not recompile
+  (``ip2p_jax.compilation``)."""
+  from ip2p_jax.compilation import enable_compilation_cache as enable
+  return enable(path)
+
+
+SAMPLER_CHOICES = SAMPLERS
+SAMPLER_HELP = ("default: the model folder's own scheduler class (Euler ancestral for IP2P, "
+                "PNDM for SD 1.5); each name is one diffusers scheduler class (README)")
+KARRAS_HELP = ("Karras et al. sigmas (diffusers' use_karras_sigmas) for euler, heun, lms, "
+               "dpmpp_2m, dpmpp_2m_sde, unipc")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """Examples kept as written; every option's default shown."""
+
+  def _get_help_string(self, action):
+    if action.default in (None, False) or isinstance(action, argparse._StoreTrueAction):
+      return action.help
+    return super()._get_help_string(action)
 
 
 def one_line(message: str) -> str:

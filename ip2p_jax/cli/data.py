@@ -9,45 +9,58 @@ from __future__ import annotations
 
 import os
 
-from ip2p_jax.cli.common import fail
+from ip2p_jax.cli.common import HelpFormatter, fail
 
 
 def add_parser(sub) -> None:
-  p = sub.add_parser("data", help="make, import, cache and inspect datasets")
+  p = sub.add_parser("data", help="make, import, cache and inspect datasets",
+                     formatter_class=HelpFormatter, description=__doc__)
   s = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+  kw = dict(formatter_class=HelpFormatter)
 
-  shapes = s.add_parser("shapes", help="generate the procedural shapes world")
-  shapes.add_argument("--out", required=True)
+  shapes = s.add_parser("shapes", help="generate the procedural shapes world", **kw,
+                        description="Render shapes-world triplets (input, instruction, exact "
+                        "edited image) into a TFDS ArrayRecord dataset folder.")
+  shapes.add_argument("--out", required=True, help="dataset folder to write")
   shapes.add_argument("--num", type=int, required=True, help="training examples")
-  shapes.add_argument("--heldout", type=int, default=0, help="held-out split examples")
+  shapes.add_argument("--heldout", type=int, default=0,
+                      help="held-out split examples (unseen colour/shape/edit combinations)")
   shapes.add_argument("--size", type=int, default=64, help="canvas size in pixels (<= 512)")
-  shapes.add_argument("--seed", type=int, default=0)
+  shapes.add_argument("--seed", type=int, default=0, help="seed of the scenes and edits")
   shapes.set_defaults(run=run_shapes)
 
-  imp = s.add_parser("import", help="import a local copy of a real dataset")
-  imp.add_argument("source")
-  imp.add_argument("--format", required=True, choices=["ip2p-folder", "hf-parquet", "captions"])
-  imp.add_argument("--out", required=True)
+  imp = s.add_parser("import", help="import a local copy of a real dataset", **kw,
+                     description="Convert a dataset on disk into a TFDS ArrayRecord folder; "
+                     "missing or corrupt items are skipped and counted in build_report.json.")
+  imp.add_argument("source", help="the dataset folder (or parquet folder) to read")
+  imp.add_argument("--format", required=True, choices=["ip2p-folder", "hf-parquet", "captions"],
+                   help="ip2p-folder: the original's seeds.json layout; hf-parquet: "
+                        "timbrooks/instructpix2pix-clip-filtered's export; captions: image + "
+                        ".txt pairs or a parquet with --image-column/--text-column (stage 1)")
+  imp.add_argument("--out", required=True, help="dataset folder to write")
   imp.add_argument("--image-column", default="image", help="captions parquet only")
   imp.add_argument("--text-column", default="text", help="captions parquet only")
   imp.add_argument("--overwrite", action="store_true",
                    help="replace an earlier import of another source in --out")
   imp.set_defaults(run=run_import)
 
-  show = s.add_parser("show", help="write a contact sheet PNG of a few examples")
-  show.add_argument("dataset")
-  show.add_argument("--split", default="train")
-  show.add_argument("--num", type=int, default=8)
+  show = s.add_parser("show", help="write a contact sheet PNG of a few examples", **kw,
+                      description="A contact sheet (input, edited, instruction) of a dataset.")
+  show.add_argument("dataset", help="a dataset folder")
+  show.add_argument("--split", default="train", help="which split")
+  show.add_argument("--num", type=int, default=8, help="examples on the sheet")
   show.add_argument("-o", "--output", help="PNG path (default: DATASET/contact_sheet.png)")
   show.set_defaults(run=run_show)
 
-  cache = s.add_parser("cache", help="precompute VAE latents and text embeddings")
-  cache.add_argument("dataset")
+  cache = s.add_parser("cache", help="precompute VAE latents and text embeddings", **kw,
+                       description="Encode a dataset once with a model's VAE and text "
+                       "encoder (config.data.latents then trains the UNet alone).")
+  cache.add_argument("dataset", help="a dataset folder")
   cache.add_argument("--model", required=True, help="diffusers-format pipeline folder")
   cache.add_argument("--out", required=True, help="ArrayRecord file to write")
-  cache.add_argument("--split", default="train")
-  cache.add_argument("--resolution", type=int, default=64)
-  cache.add_argument("--batch-size", type=int, default=16)
+  cache.add_argument("--split", default="train", help="which split")
+  cache.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+  cache.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
   cache.set_defaults(run=run_cache)
 
 

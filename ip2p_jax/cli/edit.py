@@ -7,7 +7,9 @@ import os
 import sys
 import tempfile
 
-from ip2p_jax.cli.common import CommandError, enable_compilation_cache, resolve_model, warn
+from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
+                                 HelpFormatter, enable_compilation_cache, resolve_model, warn)
+from ip2p_jax.pipelines import DEFAULT_STEPS
 
 EXAMPLES = """examples:
   ip2p edit photo.jpg -p "make it look like a watercolor" -o out/
@@ -31,41 +33,51 @@ def _floats(text: str) -> list[float]:
 
 def add_parser(sub) -> None:
   p = sub.add_parser("edit", help="edit images by an instruction", epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     description="Edit images by an instruction: each input is scaled to "
+                     "--resolution, padded to the size the model needs, edited, and the "
+                     "padding cropped off.", formatter_class=HelpFormatter)
   p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
   p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
   p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
   p.add_argument("--model", help="diffusers-format folder or cached hub id "
                  "(default: the model bundled with ip2p_jax)")
-  p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-  p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T (7.5)")
-  p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I (1.5)")
+  p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
+  p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T")
+  p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I")
   p.add_argument("--seed", type=int, default=0,
                  help="in [0, 2^32 - 1]; an image's noise is (seed, a hash of its path "
                       "relative to the input folder)")
-  p.add_argument("--sampler", choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
-                 help="default: the model folder's scheduler (Euler ancestral for IP2P)")
+  p.add_argument("--sampler", choices=SAMPLER_CHOICES, metavar="NAME",
+                 help=f"one of {', '.join(SAMPLER_CHOICES)}; {SAMPLER_HELP}")
+  p.add_argument("--karras", action="store_true", help=KARRAS_HELP)
   p.add_argument("--resolution", type=int, default=None,
                  help="longest side in pixels (default: the model's native size, 512 for SD)")
   p.add_argument("--resize", choices=["fit", "crop", "resize"], default="fit",
                  help="fit: pad, nothing cut (default); crop: the original's centre crop; "
                       "resize: stretch slightly")
-  p.add_argument("--batch-size", type=int, default=1, help="images per compiled call")
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="images per compiled call (images of one prepared size)")
   p.add_argument("--overwrite", action="store_true",
                  help="redo outputs that exist (without it, outputs made with exactly these "
                       "settings are kept and outputs made otherwise are an error)")
-  p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--max-pixels", type=int, default=64_000_000,
+                 help="refuse inputs with more pixels (decompression bombs)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="compute and weight dtype (bfloat16 halves memory, for accelerators)")
   p.add_argument("--grid", action="store_true",
                  help="also write INPUT_grid.png sweeping text x image scale per input")
-  p.add_argument("--grid-text-scales", type=_floats, default=[3.0, 5.0, 7.5, 10.0])
-  p.add_argument("--grid-image-scales", type=_floats, default=[1.0, 1.2, 1.5, 2.0])
-  p.add_argument("--no-compilation-cache", action="store_true")
+  p.add_argument("--grid-text-scales", type=_floats, default=[3.0, 5.0, 7.5, 10.0],
+                 metavar="S,S,...", help="--grid columns: comma-separated text scales")
+  p.add_argument("--grid-image-scales", type=_floats, default=[1.0, 1.2, 1.5, 2.0],
+                 metavar="S,S,...", help="--grid rows: comma-separated image scales")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="do not use JAX's persistent compilation cache (~/.cache/ip2p_jax/xla "
+                      "or $IP2P_COMPILATION_CACHE)")
   p.add_argument("--coordinator", help="multi-host: coordinator host:port "
                  "(with --num-processes and --process-id); on TPU pods and SLURM, "
                  "--distributed auto-detects instead")
-  p.add_argument("--num-processes", type=int)
-  p.add_argument("--process-id", type=int)
+  p.add_argument("--num-processes", type=int, help="multi-host: how many processes")
+  p.add_argument("--process-id", type=int, help="multi-host: this process's index")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() with auto-detection")
   p.set_defaults(run=run)
@@ -100,15 +112,20 @@ def _plan(args, info, process: tuple[int, int]):
   from ip2p_jax import editing
   from ip2p_jax.checkpoints.fingerprint import folder_hash
   from ip2p_jax.diffusion import schedules
+  from ip2p_jax.pipelines import check_editor
   unet = info.configs["unet"]
+  check_editor(unet, info.configs["vae"], info.folder)
   native = (unet.sample_size or 64) * 2 ** (len(info.configs["vae"].block_out_channels) - 1)
   settings = editing.EditSettings(
       prompt=args.prompt, steps=args.steps, text_scale=args.text_scale,
-      image_scale=args.image_scale, seed=args.seed, sampler=args.sampler,
+      image_scale=args.image_scale, seed=args.seed, sampler=args.sampler, karras=args.karras,
       resolution=args.resolution or native, resize=args.resize, batch_size=args.batch_size,
       overwrite=args.overwrite, max_pixels=args.max_pixels, dtype=args.dtype)
   editing.validate_settings(settings)
   sampler = args.sampler or schedules.sampler_of_scheduler_config(info.scheduler_config)
+  if args.karras and sampler not in schedules.KARRAS_SAMPLERS:
+    raise CommandError(f"--karras: {sampler} has no Karras sigmas in diffusers; samplers that "
+                       f"do: {', '.join(schedules.KARRAS_SAMPLERS)}")
   schedules.ScheduleConfig.from_dict(info.scheduler_config, sampler)
   _, missing = editing.expand_inputs(args.inputs)
   if missing:
@@ -145,7 +162,8 @@ def run(args) -> int:
   if not args.no_compilation_cache:
     enable_compilation_cache()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  pipe = InstructPix2PixPipeline.from_pretrained(info.folder, dtype=dtype, param_dtype=dtype)
+  pipe = InstructPix2PixPipeline.from_pretrained(info.folder, dtype=dtype, param_dtype=dtype,
+                                                 compilation_cache=False)
   progress = lambda total: tqdm(total=total, unit="img", desc="editing", dynamic_ncols=True,
                                 disable=None)
   report = editing.edit_files(pipe, args.inputs, args.output, settings, plan=plan,

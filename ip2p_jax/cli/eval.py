@@ -12,7 +12,9 @@ import os
 
 import numpy as np
 
-from ip2p_jax.cli.common import CommandError, enable_compilation_cache, fail, resolve_model
+from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
+                                 HelpFormatter, enable_compilation_cache, fail, resolve_model)
+from ip2p_jax.pipelines import DEFAULT_STEPS
 
 EXAMPLES = """examples:
   ip2p eval                                   # the bundled model, 200 held-out edits
@@ -24,33 +26,37 @@ EXAMPLES = """examples:
 
 def add_parser(sub) -> None:
   p = sub.add_parser("eval", help="score a model on held-out shapes-world edits",
-                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=EXAMPLES, formatter_class=HelpFormatter,
+                     description="Edit held-out shapes-world examples and score them from "
+                     "their exact scene graphs (success per edit type, PSNRs, CLIP metrics).")
   p.add_argument("--model", help="diffusers-format folder (default: the bundled model)")
   p.add_argument("--data", help="a shapes dataset built by `ip2p data shapes` (default: "
                  "regenerate the held-out split at the model's native size)")
-  p.add_argument("--split", default="heldout", help="--data split (default heldout)")
-  p.add_argument("--num", type=int, default=200, help="examples (default 200)")
+  p.add_argument("--split", default="heldout", help="--data split")
+  p.add_argument("--num", type=int, default=200, help="examples")
   p.add_argument("--data-seed", type=int, default=0,
-                 help="seed of the regenerated held-out split (default 0)")
+                 help="seed of the regenerated held-out split")
   p.add_argument("--resolution", type=int, default=None,
                  help="size of the regenerated examples (default: the model's native size)")
-  p.add_argument("--out", default="ip2p_eval", help="output folder (default ip2p_eval/)")
+  p.add_argument("--out", default="ip2p_eval", help="output folder")
   p.add_argument("--clip", help="transformers CLIPModel folder for the CLIP metrics "
                  "(default: the bundled one; skipped if there is none, except with --sweep)")
   p.add_argument("--sweep", action="store_true",
                  help="also sweep image scale 1.0-2.2 (text 7.5) and text scale 3-12 "
                       "(image 1.5): sweep.csv, sweep.png")
-  p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-  p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T (7.5)")
-  p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I (1.5)")
+  p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
+  p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T")
+  p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I")
   p.add_argument("--seed", type=int, default=0, help="example k uses noise (seed, k)")
-  p.add_argument("--sampler", choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
-                 help="default: the model folder's scheduler (Euler ancestral for IP2P)")
-  p.add_argument("--batch-size", type=int, default=8, help="examples per compiled call (8)")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--sampler", choices=SAMPLER_CHOICES, metavar="NAME",
+                 help=f"one of {', '.join(SAMPLER_CHOICES)}; {SAMPLER_HELP}")
+  p.add_argument("--batch-size", type=int, default=8, help="examples per compiled call")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="compute and weight dtype")
   p.add_argument("--sheet-rows", type=int, default=22,
-                 help="examples shown in sheet.png, edit types in turn (default 22)")
-  p.add_argument("--no-compilation-cache", action="store_true")
+                 help="examples shown in sheet.png, edit types in turn")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="do not use JAX's persistent compilation cache")
   p.set_defaults(run=run)
 
 
@@ -121,7 +127,8 @@ def run(args) -> int:
   try:
     model = resolve_model(args.model)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype)
+    pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype,
+                                                   compilation_cache=False)
     clip, clip_folder = _clip(args)
     native = (pipe.unet.config.sample_size or 64) * pipe.vae_scale_factor
     examples, source = _examples(args, native, pipe.vae_scale_factor)

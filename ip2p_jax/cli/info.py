@@ -6,7 +6,11 @@ import math
 
 
 def add_parser(sub) -> None:
-  p = sub.add_parser("info", help="describe a diffusers-format model folder")
+  from ip2p_jax.cli.common import HelpFormatter
+  p = sub.add_parser("info", help="describe a diffusers-format model folder",
+                     formatter_class=HelpFormatter,
+                     description="Load a model folder and list its components, parameter "
+                     "counts and scheduler (and the sampler that runs by default).")
   p.add_argument("model", help="pipeline folder, component folder, or cached hub id")
   p.set_defaults(run=run)
 
@@ -29,7 +33,10 @@ def run(args) -> int:
       print(f"{name or os.path.basename(folder)}: {type(module).__name__}, {count:,} parameters")
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched):
-      print(f"scheduler: {json.load(open(sched)).get('_class_name')}")
+      from ip2p_jax.diffusion.schedules import sampler_of_scheduler_config
+      with open(sched, encoding="utf-8") as f:
+        raw = json.load(f)
+      print(f"scheduler: {raw.get('_class_name')} (sampler {sampler_of_scheduler_config(raw)})")
   except (CheckpointError, ValueError) as e:
     return fail(str(e))
   return 0

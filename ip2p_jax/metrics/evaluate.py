@@ -34,7 +34,7 @@ def edit_examples(pipe, examples: Sequence[shapes.Example], *, num_inference_ste
                np.stack([examples[i].input_image for i in ids]),
                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                image_guidance_scale=image_guidance_scale, seed=seed, scheduler=scheduler,
-               output_type="np", image_ids=ids).images
+               output_type="np", image_ids=ids, progress_bar=False).images
     outputs.append((np.asarray(out[:len(chunk)]) * 255).round().clip(0, 255).astype(np.uint8))
     if progress is not None:
       progress(len(chunk))
