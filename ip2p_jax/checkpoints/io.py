@@ -138,8 +138,9 @@ def read_state_dict(folder: str, stem: str, variant: str | None = None) -> dict[
 
 def abstract_params(module: nn.Module) -> dict:
   """Parameter shapes and dtypes of ``module`` without allocating anything."""
+  from ip2p_jax.sharding import strip_boxes  # not nn.unbox: it constrains under a mesh
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
-  return nn.unbox(shapes["params"])
+  return strip_boxes(shapes["params"])
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
