@@ -205,3 +205,23 @@ def test_weights_are_read_shard_by_shard(tmp_path):
   assert out["sharded_params"] > 20 and out["reads_of_sharded_params"] > 0
   assert out["whole_reads_of_sharded_params"] == []
   assert out["elements_read"] <= out["elements_per_device_copy"]
+
+
+def test_training_from_a_pipeline_folder_places_its_weights(model, shapes_dataset, tmp_path):
+  """``init_from``: the frozen encoders and the UNet come from the folder, placed shard
+  by shard on the training mesh; with learning rate 0 the trained UNet is still exactly
+  the folder's."""
+  from flax import traverse_util
+  import jax
+  from ip2p_jax.checkpoints import load_component
+  from ip2p_jax.train.loop import train_and_evaluate
+  c = tiny_ip2p.get_config()
+  c.data.path, c.model.init_from = shapes_dataset, model
+  c.total_steps, c.learning_rate, c.export, c.num_samples, c.sample_steps = 1, 0.0, False, 1, 1
+  summary = train_and_evaluate(c, str(tmp_path))
+  _, folder = load_component(os.path.join(model, "unet"))
+  trained = traverse_util.flatten_dict(jax.device_get(summary["state"].params))
+  folder = traverse_util.flatten_dict(folder)
+  assert trained.keys() == folder.keys()
+  for k in folder:
+    np.testing.assert_array_equal(trained[k], folder[k], err_msg="/".join(k))
