@@ -107,6 +107,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32
   c.export = True
 
+  # Parameter-efficient fine-tuning (ip2p_jax/adapters; ip2p customize): method "" trains
+  # the whole model; "custom_diffusion" the cross-attention kernels named by targets
+  # (default to_k,to_v) and new tokens; "lora" rank-r adapters on targets (default
+  # to_q,to_k,to_v,to_out_0; also ff, conv). Everything else frozen; export writes
+  # export/adapter.safetensors. Use ema_decay 0 and eval_every 0 with it.
+  c.customize = ml_collections.ConfigDict(dict(
+      method="", targets="", rank=4, alpha=4.0,
+      tokens="",            # comma-separated new tokens, e.g. "<new1>"
+      initializer="",       # the word (or one per token) whose embedding each starts from
+      prior_weight=1.0))    # weight of the regularisation examples' loss (ip2p customize --prior)
+
   c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1))  # see above
   c.logical_axis_rules = FSDP_RULES
   c.device_peak_tflops = 0.0       # 0: look the device up (MFU is omitted if unknown)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax import paths
+from ip2p_jax.adapters.training import Customization
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.checkpoints import (PipelineParts, load_component, module_from_config, resolve,
                                   save_component, save_pipeline)
@@ -51,6 +52,7 @@ class Job:
   loss: Callable
   tokenizer: Any
   scheduler_config: dict
+  customization: Any = None         # adapters.training.Customization (config.customize)
 
 
 def _dtype(name: str):
@@ -114,8 +116,16 @@ def build(config, place: Callable | None = None) -> Job:
   schedule = schedules.ScheduleConfig.from_dict(
       scheduler_config, schedules.sampler_of_scheduler_config(scheduler_config))
 
+  custom = Customization.from_config(config)
+  if custom is not None and (stage not in ("instruct_pix2pix", "text_to_image")
+                             or config.data.get("latents") or config.get("eval_every")):
+    raise ValueError("config.customize works on the diffusion stages' images (not a latent "
+                     "cache) and without eval_every")
   if stage in ("instruct_pix2pix", "text_to_image"):
     frozen_modules, frozen_params, tokenizer = _frozen_encoders(config, kw, place)
+    if custom is not None:  # new tokens: tokenizer, text-encoder rows
+      frozen_modules, frozen_params, tokenizer = custom.prepare_text(
+          frozen_modules, frozen_params, tokenizer)
     empty = tokenizers.tokenize(tokenizer, [""])[0]
     unet_kw = dict(kw, remat=m.remat)
     load = None
@@ -157,8 +167,9 @@ def build(config, place: Callable | None = None) -> Job:
       loss = objectives.text_to_image(module, vae, text, schedule, empty,
                                       caption_dropout=config.caption_dropout,
                                       min_snr_gamma=gamma)
-    return Job(stage, module, lambda k: _random_params(module, k), load, frozen_modules,
-               frozen_params, loss, tokenizer, scheduler_config)
+    job = Job(stage, module, lambda k: _random_params(module, k), load, frozen_modules,
+              frozen_params, loss, tokenizer, scheduler_config)
+    return job if custom is None else custom.wrap_job(job)
 
   tokenizer = tokenizers.load()
   if stage == "vae":
@@ -195,7 +206,11 @@ def export(job: Job, params, folder, calibration_images: np.ndarray | None = Non
 
 
 def _export(job: Job, params, folder: str, calibration_images: np.ndarray | None) -> None:
-  if job.stage in ("instruct_pix2pix", "text_to_image"):
+  if job.customization is not None:  # the adapter alone, not a model folder
+    from ip2p_jax.adapters import files
+    adapter = job.customization.adapter(job.module, params, job.frozen_params)
+    files.save(os.path.join(folder, "adapter.safetensors"), adapter)
+  elif job.stage in ("instruct_pix2pix", "text_to_image"):
     cls = ("StableDiffusionInstructPix2PixPipeline" if job.stage == "instruct_pix2pix"
            else "StableDiffusionPipeline")
     parts = PipelineParts({"unet": job.module, **job.frozen_modules},
@@ -220,8 +235,11 @@ def pipeline(job: Job, params):
   """The diffusion stage's pipeline over in-memory ``params`` (UNet) and the frozen
   encoders, for samples and evaluation during training."""
   from ip2p_jax.pipelines import InstructPix2PixPipeline, TextToImagePipeline
+  frozen = job.frozen_params
+  if job.customization is not None:
+    params, frozen = job.customization.merged(params, frozen)
   parts = PipelineParts({"unet": job.module, **job.frozen_modules},
-                        {"unet": params, **job.frozen_params}, job.tokenizer,
+                        {"unet": params, **frozen}, job.tokenizer,
                         job.scheduler_config, {})
   cls = InstructPix2PixPipeline if job.stage == "instruct_pix2pix" else TextToImagePipeline
   return cls(parts)
@@ -267,6 +285,8 @@ def sampler(job: Job, steps: int, seed: int = 0, text_scale: float = 7.5,
   vae, text_encoder = job.frozen_modules["vae"], job.frozen_modules["text_encoder"]
 
   def run(params, frozen, inputs):
+    if job.customization is not None:
+      params, frozen = job.customization.merged(params, frozen)
     encode = lambda ids: text_encoder.apply({"params": frozen["text_encoder"]},
                                             ids).last_hidden_state.astype(job.module.dtype)
     text = encode(inputs["ids"])

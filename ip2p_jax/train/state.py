@@ -39,12 +39,20 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW with global-norm clipping (diffusers' IP2P recipe: lr 1e-4, betas (0.9, 0.999),
-  weight decay 1e-2, clip 1.0)."""
-  return optax.chain(
+  weight decay 1e-2, clip 1.0). With ``config.customize`` (LoRA, Custom Diffusion) only
+  the leaves its labels call "train" are updated; the rest get zero updates and keep no
+  optimizer state (``optax.multi_transform``)."""
+  adamw = optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                   eps=config.adam_eps, weight_decay=config.weight_decay),
   )
+  from ip2p_jax.adapters.training import Customization
+  custom = Customization.from_config(config)
+  if custom is None:
+    return adamw
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                               custom.label_tree)
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:

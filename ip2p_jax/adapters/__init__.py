@@ -1,0 +1,126 @@
+"""Customization adapters: LoRA and Custom Diffusion, for the editor and the
+text-to-image UNet.
+
+    from ip2p_jax import adapters
+    adapter = adapters.load("concept.safetensors")       # ours, or a diffusers UNet LoRA
+    parts = adapters.apply(parts, adapter, scale=0.8)     # PipelineParts -> PipelineParts
+    pipe.load_adapter("concept.safetensors", scale=0.8)   # the same on a pipeline
+
+Applying merges the adapter into the UNet kernels (``W + scale * dW``; several adapters
+add) and appends its tokens to the tokenizer and the text encoder's table. Training:
+``config.customize`` (``ip2p_jax.adapters.training``) and ``ip2p customize``
+(``ip2p_jax.adapters.runner``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ip2p_jax.adapters import custom_diffusion, lora, targets, tokens
+from ip2p_jax.adapters.files import Adapter, AdapterError, base_description, load, save
+
+__all__ = ["Adapter", "AdapterError", "apply", "load", "save", "load_into", "lora",
+           "custom_diffusion", "targets", "tokens"]
+
+_EDITOR = "an InstructPix2Pix editor"
+_T2I = "a text-to-image model"
+
+
+def _kind(in_channels: int, latent_channels: int | None) -> str:
+  if latent_channels is None:
+    return f"in_channels {in_channels}"
+  return _EDITOR if in_channels == 2 * latent_channels else _T2I
+
+
+def check(adapter: Adapter, parts, where: str = "adapter", check_base: bool = True,
+          base_unet=None) -> None:
+  """One-line :class:`AdapterError` when ``adapter`` does not fit ``parts``: another kind
+  of model (editor vs text-to-image), another architecture, other kernel shapes, or
+  (``check_base``) other base weights than it was trained on (``base_unet``: the UNet
+  before other adapters were merged in; default ``parts``' own)."""
+  unet_module, unet_params = parts.modules["unet"], parts.params["unet"]
+  cfg = unet_module.config
+  latent = getattr(parts.modules.get("vae"), "config", None)
+  latent = getattr(latent, "latent_channels", None)
+  base = adapter.meta.get("base") or {}
+  if base:
+    if base["in_channels"] != cfg.in_channels:
+      raise AdapterError(
+          f"{where} was made for {_kind(base['in_channels'], latent)} (UNet in_channels "
+          f"{base['in_channels']}); this is {_kind(cfg.in_channels, latent)} (in_channels "
+          f"{cfg.in_channels})")
+    for key in ("block_out_channels", "cross_attention_dim"):
+      ours = list(cfg.block_out_channels) if key == "block_out_channels" else cfg.cross_attention_dim
+      if base[key] != ours:
+        raise AdapterError(f"{where} was made for a UNet with {key} {base[key]}; this "
+                           f"model's is {ours}")
+  try:
+    if adapter.lora is not None:
+      lora.check_shapes(adapter.lora, unet_params, where)
+    else:
+      kernels = targets.kernels(unet_params)
+      for p, d in (adapter.deltas or {}).items():
+        name = targets.torch_name(p)
+        if p not in kernels:
+          raise ValueError(f"{where}: adapter layer {name} is not in this model's UNet")
+        if tuple(d.shape) != tuple(kernels[p].shape):
+          raise ValueError(f"{where}: adapter layer {name} has shape "
+                           f"{lora._torch_shape(tuple(d.shape))}, this model's is "
+                           f"{lora._torch_shape(tuple(kernels[p].shape))}")
+  except ValueError as e:
+    raise AdapterError(str(e)) from None
+  if adapter.tokens is not None:
+    hidden = parts.modules["text_encoder"].config.hidden_size
+    if adapter.tokens.embeddings.shape[1] != hidden:
+      raise AdapterError(f"{where}: its token embeddings are {adapter.tokens.embeddings.shape[1]}"
+                         f" wide, this model's text encoder {hidden}")
+  if check_base and base.get("kernels"):
+    ours = base_description(unet_module, unet_params if base_unet is None else base_unet,
+                            adapter.paths())["kernels"]
+    if ours != base["kernels"]:
+      raise AdapterError(f"{where} was trained on another base model (its base kernels "
+                         f"{base['kernels']}, this model's {ours}); pass check_base=False to "
+                         "apply it anyway")
+
+
+def apply(parts, adapter: Adapter | str, scale: float = 1.0, *, check_base: bool = True,
+          where: str | None = None, base_unet=None):
+  """``parts`` (``PipelineParts``) with ``adapter`` (or an adapter file) applied at
+  ``scale``: kernels ``W + scale * dW``, new tokens added. ``scale`` 0 leaves every
+  UNet weight's value as it was."""
+  if isinstance(adapter, str):
+    where = where or f"adapter {adapter}"
+    adapter = load(adapter)
+  where = where or "adapter"
+  check(adapter, parts, where, check_base, base_unet)
+  unet = parts.params["unet"]
+  if adapter.lora is not None:
+    unet = lora.merge(unet, [(adapter.lora, scale)])
+  else:
+    unet = custom_diffusion.merge(unet, [(adapter.deltas, scale)])
+  params = {**parts.params, "unet": unet}
+  modules, tokenizer = parts.modules, parts.tokenizer
+  if adapter.tokens is not None and adapter.tokens.names:
+    try:
+      tokenizer, text, params["text_encoder"] = tokens.apply(
+          parts.tokenizer, parts.modules["text_encoder"], parts.params["text_encoder"],
+          adapter.tokens)
+    except ValueError as e:
+      raise AdapterError(f"{where}: {e}") from None
+    modules = {**modules, "text_encoder": text}
+  return dataclasses.replace(parts, modules=modules, params=params, tokenizer=tokenizer)
+
+
+def load_into(pipe, path: str, scale: float = 1.0, check_base: bool = True) -> None:
+  """Applies the adapter file ``path`` to a pipeline in place (``pipe.load_adapter``)."""
+  parts = dataclasses.replace(pipe.parts, params=pipe.params, tokenizer=pipe.tokenizer,
+                              modules={**pipe.parts.modules, "text_encoder": pipe.text_encoder})
+  if getattr(pipe, "_adapter_base_unet", None) is None:
+    pipe._adapter_base_unet = pipe.params["unet"]
+  new = apply(parts, path, scale, check_base=check_base, base_unet=pipe._adapter_base_unet)
+  text_changed = new.modules["text_encoder"] is not parts.modules["text_encoder"]
+  pipe.parts = new
+  pipe.tokenizer = new.tokenizer
+  pipe.text_encoder = new.modules["text_encoder"]
+  if text_changed:  # compiled functions close over the text module
+    pipe._compiled.clear()
+  pipe.set_params(new.params)
