@@ -157,7 +157,9 @@ class _Pipeline:
 
   def set_progress_bar_config(self, **kwargs) -> None:
     """tqdm options of the per-step progress bar (diffusers' method);
-    ``disable=True`` turns it off."""
+    ``disable=True`` turns it off. The bar is a host callback inside the compiled loop, and
+    JAX's persistent cache keys such a program on the callback's address, so only programs
+    without it (bar off, no ``callback``) are reused by a new process."""
     self._progress_bar.update(kwargs)
 
   @property
