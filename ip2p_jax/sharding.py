@@ -113,7 +113,7 @@ def make_mesh(shape, devices=None):
   else:
     array = mesh_utils.create_hybrid_device_mesh(
         ici, [dcn, 1, 1, 1], devices,
-        process_is_granule=not hasattr(devices[0], "slice_index"))
+        process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) < dcn)
   return Mesh(array, MESH_AXES)
 
 
