@@ -42,6 +42,8 @@ setup(
         "test": ["pytest", "torch==2.13.0"],
         # gs:// workdirs: etils.epath reads/writes through gcsfs; orbax asks GCS about buckets.
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # ip2p synth --generator lm:DIR: a transformers causal LM writes the instructions.
+        "lm": ["torch", "transformers>=5.0"],
     },
     entry_points={"console_scripts": ["ip2p = ip2p_jax.cli:main"]},
 )

@@ -166,6 +166,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+    self_attention = context is None
     kv_axis = ax.EMBED if context is None else ax.KV
     context = x if context is None else context
     inner = self.heads * self.head_dim
@@ -174,11 +175,24 @@ class Attention(nn.Module):
     k = dense(inner, (kv_axis, ax.HEADS), use_bias=self.qkv_bias, name=self.names[1], **kw)(context)
     v = dense(inner, (kv_axis, ax.HEADS), use_bias=self.qkv_bias, name=self.names[2], **kw)(context)
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
-    out = dot_product_attention(split(q), split(k), split(v), mask=mask, is_causal=is_causal,
-                                implementation=self.implementation, upcast=self.upcast)
+    out = self.attend(split(q), split(k), split(v), mask=mask, is_causal=is_causal,
+                      self_attention=self_attention)
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(self.out_features or x.shape[-1], (ax.HEADS, ax.EMBED), name=self.names[3],
                  **kw)(out)
+
+  def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
+             mask: jax.Array | None = None, is_causal: bool = False,
+             self_attention: bool = False) -> jax.Array:
+    """The attention between the projections, ``[batch, length, heads, head_dim]``.
+
+    A method of its own so that flax's ``nn.intercept_methods`` can observe or change
+    its inputs from outside the model (Prompt-to-Prompt in ``ip2p_jax.synth`` replaces
+    one image's self-attention query and key by another's). With no interceptor
+    installed nothing is added to the traced program."""
+    del self_attention  # read by interceptors only
+    return dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                 implementation=self.implementation, upcast=self.upcast)
 
 
 class GEGLU(nn.Module):
