@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         # torch is the PyTorch reference our numbers are checked against (tests only).
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "torch==2.13.0", "peft"],  # peft: diffusers' LoRA loading (tests)
         # gs:// workdirs: etils.epath reads/writes through gcsfs; orbax asks GCS about buckets.
         "gcs": ["gcsfs", "google-cloud-storage"],
         # ip2p synth --generator lm:DIR: a transformers causal LM writes the instructions.

@@ -151,6 +151,13 @@ class _Pipeline:
     self.params = params
     self._device_params = None
 
+  def load_adapter(self, path: str, scale: float = 1.0, *, check_base: bool = True) -> None:
+    """Applies a LoRA or Custom Diffusion adapter file (ours, or a diffusers UNet LoRA)
+    at ``scale``; several add up. An adapter for another base is an error
+    (``ip2p_jax.adapters``)."""
+    from ip2p_jax import adapters
+    adapters.load_into(self, os.fspath(path), scale, check_base=check_base)
+
   def save_pretrained(self, path: str) -> None:
     save_pipeline(path, dataclasses.replace(self.parts, params=self.params,
                                             scheduler_config=self.scheduler_config))

@@ -19,6 +19,7 @@ from ip2p_jax.adapters import custom_diffusion, lora, targets, tokens
 from ip2p_jax.adapters.files import Adapter, AdapterError, base_description, load, save
 
 __all__ = ["Adapter", "AdapterError", "apply", "load", "save", "load_into", "lora",
+           "merge_custom_diffusion",
            "custom_diffusion", "targets", "tokens"]
 
 _EDITOR = "an InstructPix2Pix editor"
@@ -124,3 +125,67 @@ def load_into(pipe, path: str, scale: float = 1.0, check_base: bool = True) -> N
   if text_changed:  # compiled functions close over the text module
     pipe._compiled.clear()
   pipe.set_params(new.params)
+
+
+def _prompt_features(parts, prompts: list[str], token_names: list[str] = ()):
+  """The text encoder's last hidden states of ``prompts`` that the cross-attention keys
+  and values read, stacked ``[rows, hidden]``: per prompt the rows up to and including
+  its end token, from its first modifier token in ``token_names`` on when it has one
+  (CLIP's text encoder is causal: the rows before that token are the same as without
+  the concept, so they are not the concept's to claim)."""
+  import numpy as np
+  from ip2p_jax import tokenizer as tokenizers
+  ids = tokenizers.tokenize(parts.tokenizer, prompts)
+  states = np.asarray(parts.modules["text_encoder"].apply(
+      {"params": parts.params["text_encoder"]}, ids).last_hidden_state, np.float64)
+  eos = parts.tokenizer.eos_token_id
+  concept = set(parts.tokenizer.convert_tokens_to_ids(list(token_names))) if token_names else set()
+  rows = []
+  for s, i in zip(states, ids):
+    end = int(np.argmax(i == eos)) + 1
+    marks = [k for k in range(end) if int(i[k]) in concept]
+    rows.append(s[marks[0] if marks else 0:end])
+  return np.concatenate(rows)
+
+
+def merge_custom_diffusion(parts, concepts: list, reg_prompts: list[str] | None = None
+                           ) -> Adapter:
+  """One Custom Diffusion adapter from several trained apart (paths or ``Adapter``s):
+  their tokens together and, per kernel, the constrained merge of Kumari et al. 2023
+  (``custom_diffusion.merge_concepts``). Each concept's features are the text states of
+  the prompts it was trained on (recorded in its file) from its modifier token on; the
+  regularisation features are ``reg_prompts``' (default: those prompts with the modifier
+  tokens removed, and "")."""
+  loaded = [load(c) if isinstance(c, str) else c for c in concepts]
+  if any(a.method != "custom_diffusion" for a in loaded):
+    raise AdapterError("merge_custom_diffusion merges Custom Diffusion adapters only")
+  if any(not a.meta.get("prompts") for a in loaded):
+    raise AdapterError("an adapter without recorded training prompts cannot be merged")
+  with_tokens = parts
+  for a in loaded:
+    check(a, parts)
+    with_tokens = apply(with_tokens, a, 0.0, base_unet=parts.params["unet"])
+  features = [_prompt_features(with_tokens, a.meta["prompts"],
+                               a.tokens.names if a.tokens else ()) for a in loaded]
+  if reg_prompts is None:
+    names = [n for a in loaded for n in (a.tokens.names if a.tokens else [])]
+    plain = []
+    for a in loaded:
+      for p in a.meta["prompts"]:
+        for n in names:
+          p = p.replace(n, "")
+        plain.append(" ".join(p.split()))
+    reg_prompts = list(dict.fromkeys(plain + [""]))
+  reg = _prompt_features(with_tokens, list(reg_prompts))
+  deltas = custom_diffusion.merge_concepts(parts.params["unet"], [a.deltas for a in loaded],
+                                           features, reg)
+  toks = [a.tokens for a in loaded if a.tokens is not None and a.tokens.names]
+  merged_tokens = None
+  if toks:
+    import numpy as np
+    merged_tokens = tokens.Tokens([n for t in toks for n in t.names],
+                                  np.concatenate([t.embeddings for t in toks]))
+  meta = {"base": base_description(parts.modules["unet"], parts.params["unet"], list(deltas)),
+          "prompts": [p for a in loaded for p in a.meta["prompts"]],
+          "merged_from": len(loaded)}
+  return Adapter("custom_diffusion", deltas=deltas, tokens=merged_tokens, meta=meta)

@@ -139,8 +139,7 @@ def load(path: str) -> Adapter:
     raise AdapterError(f"adapter {path}: no such file")
   if not path.endswith(".safetensors"):
     raise AdapterError(f"adapter {path}: only .safetensors adapter files are read")
-  header, _, _ = safetensors.read_header(path)
-  metadata = header.get("__metadata__") or {}
+  _, metadata, _ = safetensors.read_header(path)
   tensors = safetensors.load(path)
   own = json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
   tokens = None
@@ -197,3 +196,12 @@ def load(path: str) -> Adapter:
                          f"{w['lora_A'].shape[-1]}, lora_B {w['lora_B'].shape[-2]}")
     alphas[p] = _alpha_for(name, config, w["lora_A"].shape[-1], alpha_tensors)
   return Adapter("lora", lora=lora_lib.LoRA(weights, alphas), tokens=tokens, meta=own)
+
+
+def file_hash(path: str) -> str:
+  """``"sha256:<16 hex>"`` of an adapter file's bytes (its name in edit records)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return "sha256:" + h.hexdigest()[:16]

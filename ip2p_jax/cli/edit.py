@@ -31,6 +31,20 @@ def _floats(text: str) -> list[float]:
   return values
 
 
+def _adapter(text: str) -> tuple[str, float]:
+  """``PATH[:SCALE]`` -> (path, scale); the scale defaults to 1."""
+  path, sep, scale = text.rpartition(":")
+  if sep and path:
+    try:
+      value = float(scale)
+    except ValueError:
+      return text, 1.0
+    if not math.isfinite(value):
+      raise argparse.ArgumentTypeError(f"{text!r}: the scale must be a finite number")
+    return path, value
+  return text, 1.0
+
+
 def add_parser(sub) -> None:
   p = sub.add_parser("edit", help="edit images by an instruction", epilog=EXAMPLES,
                      description="Edit images by an instruction: each input is scaled to "
@@ -41,6 +55,9 @@ def add_parser(sub) -> None:
   p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
   p.add_argument("--model", help="diffusers-format folder or cached hub id "
                  "(default: the model bundled with ip2p_jax)")
+  p.add_argument("--adapter", type=_adapter, action="append", default=[],
+                 metavar="PATH[:SCALE]", help="apply a LoRA or Custom Diffusion adapter "
+                 "(ip2p customize, or a diffusers UNet LoRA) at SCALE (default 1); repeatable")
   p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
   p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T")
   p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I")
@@ -111,6 +128,7 @@ def _plan(args, info, process: tuple[int, int]):
   ``process``: (index, count) of this process."""
   from ip2p_jax import editing
   from ip2p_jax.checkpoints.fingerprint import folder_hash
+  from ip2p_jax.adapters.files import file_hash
   from ip2p_jax.diffusion import schedules
   from ip2p_jax.pipelines import check_editor
   unet = info.configs["unet"]
@@ -133,8 +151,13 @@ def _plan(args, info, process: tuple[int, int]):
   _check_prompt_length(args.prompt, info.tokenizer_dir)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     raise CommandError(f"-o {args.output}: exists and is not a folder")
+  model = folder_hash(info.folder)
+  for path, scale in args.adapter:  # an adapted model is another model for the records
+    if not os.path.isfile(path):
+      raise CommandError(f"--adapter {path}: no such file")
+    model += f"+{file_hash(path)}@{scale:g}"
   plan = editing.make_plan(args.inputs, args.output, settings, sampler=sampler,
-                           model=folder_hash(info.folder), process=process)
+                           model=model, process=process)
   if not plan.items:
     raise CommandError(f"no image files found in {' '.join(args.inputs)}")
   check_output_folder(args.output)
@@ -164,6 +187,8 @@ def run(args) -> int:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   pipe = InstructPix2PixPipeline.from_pretrained(info.folder, dtype=dtype, param_dtype=dtype,
                                                  compilation_cache=False)
+  for path, scale in args.adapter:
+    pipe.load_adapter(path, scale)
   progress = lambda total: tqdm(total=total, unit="img", desc="editing", dynamic_ncols=True,
                                 disable=None)
   report = editing.edit_files(pipe, args.inputs, args.output, settings, plan=plan,

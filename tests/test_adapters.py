@@ -1,0 +1,312 @@
+"""Customization adapters (issue 11) on tiny random models: only the selected parameters
+train, only the new token rows change, files are small, scale 0 is the base, adapters
+stack, LoRA files round-trip with diffusers/peft, and a misfit adapter is one clear error.
+
+Run alone: ``python -m pytest -q tests/test_adapters.py`` (each training run compiles one
+tiny train step; the UNet comparisons compile one tiny forward).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+import pipeline_fixtures
+from ip2p_jax import adapters
+from ip2p_jax.adapters import custom_diffusion, files, lora, runner, targets, tokens
+from ip2p_jax.checkpoints import load_pipeline
+
+RES = 16  # the tiny UNet's native size (sample_size 8, VAE factor 2)
+
+
+def _write_examples(folder, n: int, seed: int, instruction: str):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+    for i in range(n):
+      a = rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+      Image.fromarray(a).save(os.path.join(folder, f"in{i}.png"))
+      Image.fromarray(255 - a).save(os.path.join(folder, f"out{i}.png"))
+      f.write(json.dumps({"input_image": f"in{i}.png", "edited_image": f"out{i}.png",
+                          "instruction": instruction}) + "\n")
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ip2p")
+  pipeline_fixtures.save_ip2p(str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(folder):
+  return load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  return (_write_examples(root / "concept", 3, 0, "make it <new1>"),
+          _write_examples(root / "prior", 2, 1, "make it red"))
+
+
+@pytest.fixture(scope="module")
+def trained_cd(folder, data, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("cd") / "cd.safetensors")
+  settings = runner.Settings("custom_diffusion", steps=2, learning_rate=1e-2,
+                             tokens=("<new1>",), initializer=("red",))
+  return out, runner.customize(folder, data[0], out, settings, prior=data[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(folder, data, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("lora") / "lora.safetensors")
+  settings = runner.Settings("lora", steps=2, learning_rate=1e-2, rank=2, alpha=4.0)
+  return out, runner.customize(folder, data[0], out, settings, progress=False)
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def test_custom_diffusion_changes_only_cross_attention_kv_and_new_token_rows(trained_cd, base):
+  out, result = trained_cd
+  params = result["state"].params
+  selected = set(custom_diffusion.select(base.params["unet"]))
+  assert selected and all(p[-2] == "attn2" and p[-1] in ("to_k", "to_v") for p in selected)
+  before, after = _flat(base.params["unet"]), _flat(params["unet"])
+  assert before.keys() == after.keys()
+  for key in before:
+    if key[:-1] in selected and key[-1] == "kernel":
+      assert not np.array_equal(before[key], after[key]), key
+    else:
+      assert np.array_equal(before[key], after[key]), key  # bitwise
+  # The text encoder's table: the old rows bitwise, the new row trained away from "red".
+  _, frozen = result["job"].customization.merged(params, result["job"].frozen_params)
+  old = np.asarray(tokens.embedding_table(base.params["text_encoder"]))
+  new = np.asarray(tokens.embedding_table(frozen["text_encoder"]))
+  assert new.shape == (old.shape[0] + 1, old.shape[1])
+  assert np.array_equal(new[:-1], old)
+  red = tokens.initial_rows(base.tokenizer, base.params["text_encoder"], ["red"])[0]
+  assert not np.array_equal(new[-1], red)
+  assert np.isfinite(result["loss"])
+
+
+def test_lora_changes_only_its_adapters(trained_lora, base):
+  _, result = trained_lora
+  params = result["state"].params
+  before, after = _flat(base.params["unet"]), _flat(params["unet"])
+  assert all(np.array_equal(before[k], after[k]) for k in before)  # the whole UNet bitwise
+  paths = targets.select(base.params["unet"], targets.ATTENTION)
+  assert sorted(params["lora"]) == sorted("/".join(p) for p in paths)
+  assert all(np.abs(np.asarray(w["lora_B"])).max() > 0 for w in params["lora"].values())
+  assert set(params) == {"unet", "lora"}
+
+
+def test_adapter_files_are_small_and_hold_their_tokens(trained_cd, trained_lora, folder, base):
+  unet_bytes = os.path.getsize(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+  for path, _ in (trained_cd, trained_lora):
+    assert os.path.getsize(path) <= 0.05 * unet_bytes, (os.path.getsize(path), unet_bytes)
+  cd = files.load(trained_cd[0])
+  assert cd.method == "custom_diffusion" and cd.tokens.names == ["<new1>"]
+  assert cd.meta["prompts"] == ["make it <new1>"]
+  # The file's deltas are exactly what training changed.
+  trained = targets.kernels(jax.device_get(trained_cd[1]["state"].params["unet"]))
+  start = targets.kernels(base.params["unet"])
+  for p, d in cd.deltas.items():
+    np.testing.assert_array_equal(d, np.asarray(trained[p]) - np.asarray(start[p]))
+  lo = files.load(trained_lora[0])
+  assert lo.method == "lora" and lo.tokens is None
+  assert {lo.lora.scaling(p) for p in lo.lora.weights} == {2.0}  # alpha 4 / rank 2
+
+
+@pytest.fixture(scope="module")
+def unet_fn():
+  return jax.jit(lambda module, params, x, t, c: module.apply({"params": params}, x, t, c),
+                 static_argnums=0)
+
+
+def _inputs(in_channels: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((1, RES // 2, RES // 2, in_channels)).astype(np.float32),
+          np.array([500], np.int32), rng.standard_normal((1, 77, 32)).astype(np.float32))
+
+
+def test_scale_zero_is_the_base_and_adapters_compose(trained_cd, trained_lora, base, unet_fn):
+  cd, lo = files.load(trained_cd[0]), files.load(trained_lora[0])
+  zero = adapters.apply(base, lo, 0.0)
+  x, t, c = _inputs(8)
+  ref = np.asarray(unet_fn(base.modules["unet"], base.params["unet"], x, t, c))
+  np.testing.assert_array_equal(np.asarray(unet_fn(base.modules["unet"],
+                                                   zero.params["unet"], x, t, c)), ref)
+  # Both adapters at their scales: every kernel is base + s1 dW1 + s2 dW2 (either order).
+  first = base.params["unet"]  # later adapters check their base against the unmerged UNet
+  both = adapters.apply(adapters.apply(base, cd, 0.5), lo, 0.7, base_unet=first)
+  other = adapters.apply(adapters.apply(base, lo, 0.7), cd, 0.5, base_unet=first)
+  k0, k1, k2 = (targets.kernels(p.params["unet"]) for p in (base, both, other))
+  lora_d = lora.deltas(lo.lora.weights, {p: lo.lora.scaling(p) for p in lo.lora.weights})
+  for p in k0:
+    want = np.asarray(k0[p], np.float64) + 0.5 * cd.deltas.get(p, 0.0)
+    want = want + 0.7 * np.asarray(lora_d.get(p, 0.0))
+    np.testing.assert_allclose(k1[p], want, rtol=0, atol=1e-6, err_msg=str(p))
+    np.testing.assert_allclose(k1[p], k2[p], rtol=0, atol=1e-6)
+  assert both.tokenizer.convert_tokens_to_ids("<new1>") == len(base.tokenizer)
+  out = np.asarray(unet_fn(base.modules["unet"], both.params["unet"], x, t, c))
+  assert np.abs(out - ref).max() > 1e-5  # the adapters do something
+  with pytest.raises(adapters.AdapterError, match="already in the tokenizer"):
+    adapters.apply(both, cd, 1.0, check_base=False)
+
+
+def test_pipeline_load_adapter_scale_zero_reproduces_the_base_edit(folder, trained_lora):
+  from ip2p_jax import InstructPix2PixPipeline
+  pipe = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  pipe.set_progress_bar_config(disable=True)
+  image = np.random.default_rng(3).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+  kw = dict(num_inference_steps=2, seed=0, output_type="np")
+  ref = pipe("make it <new1>", image, **kw).images
+  pipe.load_adapter(trained_lora[0], scale=0.0)
+  np.testing.assert_array_equal(pipe("make it <new1>", image, **kw).images, ref)
+
+
+def test_misfit_adapters_are_one_line_errors(tmp_path, trained_lora, base):
+  lo = files.load(trained_lora[0])
+  # An editor's adapter on a text-to-image model.
+  t2i_dir = str(tmp_path / "sd")
+  pipeline_fixtures.save_sd(t2i_dir)
+  t2i = load_pipeline(t2i_dir)
+  with pytest.raises(adapters.AdapterError, match="InstructPix2Pix editor.*text-to-image") as e:
+    adapters.apply(t2i, lo)
+  assert "\n" not in str(e.value)
+  # Same architecture, other weights.
+  with pytest.raises(adapters.AdapterError, match="another base model"):
+    adapters.apply(load_pipeline(t2i_dir), files.Adapter(
+        "lora", lora=lo.lora, meta={**lo.meta, "base": {**lo.meta["base"], "in_channels": 4}}))
+  # Shapes that do not fit: name the layer and both shapes.
+  path = next(iter(lo.lora.weights))
+  bad = {path: {"lora_A": np.zeros((7, 2), np.float32), "lora_B": np.zeros((2, 5), np.float32)}}
+  with pytest.raises(adapters.AdapterError, match=targets.torch_name(path).replace(".", r"\.")
+                     + r".*\(5, 7\)"):
+    adapters.apply(base, files.Adapter("lora", lora=lora.LoRA(bad, {path: 2.0})))
+
+
+def test_constrained_merge_keeps_each_concept_and_stays_near_the_base():
+  """Kumari et al. Eq. 4 on random features: each concept's outputs on its own text
+  features are kept (to 1e-4 relative), and on regularisation features the merged
+  kernel is closer to the base than the sum of the two deltas."""
+  rng = np.random.default_rng(0)
+  d, out = 16, 12
+  w0 = rng.standard_normal((d, out))
+  ws = [w0 + 0.3 * rng.standard_normal((d, out)) for _ in range(2)]
+  feats = [rng.standard_normal((3, d)) for _ in range(2)]
+  reg = rng.standard_normal((40, d))
+  merged = custom_diffusion.constrained_merge(w0, ws, feats, reg)
+  for w, f in zip(ws, feats):
+    np.testing.assert_allclose(f @ merged, f @ w, rtol=1e-4, atol=1e-4 * np.abs(f @ w).max())
+  naive = w0 + (ws[0] - w0) + (ws[1] - w0)
+  assert np.linalg.norm(reg @ (merged - w0)) < np.linalg.norm(reg @ (naive - w0))
+
+
+def _random_lora(unet_params, names, rank, key):
+  paths = targets.select(unet_params, names)
+  weights = lora.init(unet_params, paths, rank, key)
+  for i, p in enumerate(paths):  # B random too, so every layer's update is visible
+    b = weights[p]["lora_B"]
+    weights[p]["lora_B"] = 0.3 * jax.random.normal(jax.random.fold_in(key, 100 + i), b.shape)
+  return lora.LoRA({p: {k: np.asarray(v) for k, v in w.items()} for p, w in weights.items()},
+                   {p: 3.0 for p in paths})
+
+
+def _torch_unet_out(unet, x, t, c):
+  import torch
+  with torch.no_grad():
+    y = unet(torch.from_numpy(np.transpose(x, (0, 3, 1, 2))), torch.from_numpy(t),
+             encoder_hidden_states=torch.from_numpy(c)).sample
+  return np.transpose(y.numpy(), (0, 2, 3, 1))
+
+
+def test_our_lora_loads_in_diffusers_with_the_same_result(folder, base, tmp_path, unet_fn):
+  import diffusers
+  adapter = files.Adapter("lora", lora=_random_lora(base.params["unet"], targets.TARGETS, 2,
+                                                    jax.random.key(1)))
+  path = str(tmp_path / "ours.safetensors")
+  files.save(path, adapter)
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+  x, t, c = _inputs(8, seed=1)
+  before = _torch_unet_out(pipe.unet, x, t, c)
+  pipe.load_lora_weights(str(tmp_path), weight_name="ours.safetensors")
+  theirs = _torch_unet_out(pipe.unet, x, t, c)
+  ours = np.asarray(unet_fn(base.modules["unet"],
+                            adapters.apply(base, adapter).params["unet"], x, t, c))
+  assert np.abs(theirs - before).max() > 1e-2  # diffusers applied it
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4)
+
+
+def test_a_lora_diffusers_saves_loads_here_with_the_same_result(folder, base, tmp_path, unet_fn):
+  import diffusers
+  import torch
+  from peft import LoraConfig
+  from peft.utils import get_peft_model_state_dict
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+  config = LoraConfig(r=4, lora_alpha=2, init_lora_weights=False,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"])
+  torch.manual_seed(0)
+  pipe.unet.add_adapter(config)
+  x, t, c = _inputs(8, seed=2)
+  theirs = _torch_unet_out(pipe.unet, x, t, c)
+  diffusers.StableDiffusionInstructPix2PixPipeline.save_lora_weights(
+      str(tmp_path), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+      unet_lora_adapter_metadata=config.to_dict())
+  adapter = files.load(str(tmp_path / "pytorch_lora_weights.safetensors"))
+  assert {adapter.lora.scaling(p) for p in adapter.lora.weights} == {0.5}
+  assert any(w["lora_A"].ndim == 4 for w in adapter.lora.weights.values())  # convs came too
+  ours = np.asarray(unet_fn(base.modules["unet"],
+                            adapters.apply(base, adapter).params["unet"], x, t, c))
+  base_out = np.asarray(unet_fn(base.modules["unet"], base.params["unet"], x, t, c))
+  assert np.abs(theirs - base_out).max() > 1e-2
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4)
+
+
+def test_cli_customize_and_edit_adapter_arguments(tmp_path):
+  from ip2p_jax.cli import build_parser, edit, main
+  args = build_parser().parse_args(["edit", "x.png", "-p", "p", "-o", "o", "--adapter",
+                                    "a.safetensors:0.5", "--adapter", "b.safetensors"])
+  assert args.adapter == [("a.safetensors", 0.5), ("b.safetensors", 1.0)]
+  assert edit._adapter("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert main(["customize", "--data", str(empty), "--method", "lora",
+               "--out", str(tmp_path / "a.safetensors")]) == 2
+
+
+def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(trained_cd, base):
+  """Two concepts trained apart, merged by the closed form: on each concept's own prompt
+  features the merged kernels give that concept's keys/values (to 1e-3 of their scale)."""
+  first = files.load(trained_cd[0])
+  rng = np.random.default_rng(5)
+  second = files.Adapter(
+      "custom_diffusion",
+      deltas={p: 0.05 * rng.standard_normal(d.shape).astype(np.float32)
+              for p, d in first.deltas.items()},
+      # A token of its own (one near <new1> would ask the same rows for other keys).
+      tokens=tokens.Tokens(["<new2>"], rng.standard_normal((1, 32)).astype(np.float32)),
+      meta={**first.meta, "prompts": ["make it <new2>"]})
+  merged = adapters.merge_custom_diffusion(base, [first, second])
+  assert merged.tokens.names == ["<new1>", "<new2>"]
+  both = adapters.apply(adapters.apply(base, first, 0.0), second, 0.0,
+                        base_unet=base.params["unet"])
+  w0 = targets.kernels(base.params["unet"])
+  for concept in (first, second):
+    f = adapters._prompt_features(both, concept.meta["prompts"], concept.tokens.names)
+    for p, d in merged.deltas.items():
+      want = f @ (np.asarray(w0[p], np.float64) + concept.deltas[p])
+      got = f @ (np.asarray(w0[p], np.float64) + d)
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+  merged_applied = adapters.apply(base, merged)  # a merged adapter applies like any other
+  assert merged_applied.tokenizer.convert_tokens_to_ids("<new2>") == len(base.tokenizer) + 1
