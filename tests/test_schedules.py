@@ -76,8 +76,8 @@ def test_from_config_semantics_follow_the_sampler_class():
 
 
 def test_bad_scheduler_options_are_named():
-  with pytest.raises(ConfigError, match="'rescale_betas_zero_snr'"):
-    ScheduleConfig.from_dict({"rescale_betas_zero_snr": True}, "euler")
+  with pytest.raises(ConfigError, match="'thresholding'"):  # (zero SNR is supported now)
+    ScheduleConfig.from_dict({"thresholding": True}, "euler")
   with pytest.raises(ConfigError, match="'beta_schedule' = 'sigmoid'"):
     ScheduleConfig.from_dict({"beta_schedule": "sigmoid"}, "euler")
   with pytest.raises(ValueError, match="unknown sampler 'dpm_fast'"):
