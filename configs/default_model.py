@@ -51,8 +51,8 @@ SCHEDULER = {**IP2P_SCHEDULER, "prediction_type": "v_prediction",
 RUNS = "runs/default"
 LATENTS = f"{RUNS}/latents/train.arrayrecord"
 
-# The shipped model: every stage at these lengths except stage 2, stopped at step 2007
-# (README.md, "The default model"); rerunning the script continues it to 3000.
+# The shipped model: every stage at these lengths except stage 2, stopped at step 3433
+# (README.md, "The default model"); rerunning the script continues it to 8000.
 STEPS = {"vae": 1500, "clip": 600, "t2i": 600, "ip2p": 8000, "scratch": 500}
 
 
