@@ -310,3 +310,32 @@ def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(tra
       np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
   merged_applied = adapters.apply(base, merged)  # a merged adapter applies like any other
   assert merged_applied.tokenizer.convert_tokens_to_ids("<new2>") == len(base.tokenizer) + 1
+
+
+def test_text_to_image_custom_diffusion_through_the_training_loop(shapes_dataset, tmp_path):
+  """``config.customize`` in the ordinary training run (stage 1, tiny random models):
+  the optimizer updates only the cross-attention to_k/to_v kernels and the token row,
+  samples are drawn from the merged model, and the export is the adapter file."""
+  from configs import tiny_t2i
+  from ip2p_jax import sharding
+  from ip2p_jax.train import jobs
+  from ip2p_jax.train.loop import train_and_evaluate
+  c = tiny_t2i.get_config()
+  c.data.path = shapes_dataset
+  c.total_steps, c.num_samples, c.sample_steps = 2, 2, 2
+  c.learning_rate, c.ema_decay = 1e-2, 0.0
+  c.customize.method, c.customize.tokens, c.customize.initializer = (
+      "custom_diffusion", "<new1>", "red")
+  summary = train_and_evaluate(c, str(tmp_path))
+  assert summary["step"] == 2 and os.listdir(tmp_path / "samples") == ["step_0000002.png"]
+  job = jobs.build(c)
+  start = jax.jit(lambda k: sharding.strip_boxes(job.init_params(k)))(jax.random.key(c.seed))
+  trained = jax.device_get(summary["state"].params)
+  selected = set(custom_diffusion.select(start["unet"]))
+  before, after = _flat(start["unet"]), _flat(trained["unet"])
+  for key in before:
+    same = np.array_equal(before[key], after[key])
+    assert same != (key[:-1] in selected and key[-1] == "kernel"), key
+  adapter = files.load(os.path.join(summary["export"], "adapter.safetensors"))
+  assert adapter.tokens.names == ["<new1>"] and set(adapter.deltas) == selected
+
