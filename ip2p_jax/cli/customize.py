@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                      "concepts jointly.")
   p.add_argument("--data", action="append", required=True, metavar="DIR",
                  help="example folder with metadata.jsonl (repeatable)")
-  p.add_argument("--method", required=True, choices=["custom_diffusion", "lora"])
+  p.add_argument("--method", required=True, choices=["custom_diffusion", "lora"],
+                 help="custom_diffusion: cross-attention keys/values and new tokens; lora: "
+                      "low-rank updates of --targets")
   p.add_argument("--out", required=True, metavar="ADAPTER", help="adapter file to write "
                  "(.safetensors)")
   p.add_argument("--base", help="diffusers-format folder: an InstructPix2Pix editor or a "
@@ -52,7 +54,7 @@ def add_parser(sub) -> None:
   p.add_argument("--prior-weight", type=float, default=1.0, help="weight of --prior's loss")
   p.add_argument("--resolution", type=int, default=None,
                  help="training size in pixels (default: the base's native size)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the batches, noise and LoRA init")
   p.set_defaults(run=run)
 
 
