@@ -397,6 +397,8 @@ def find_dataset(path: str) -> str:
   through ``etils.epath``)."""
   from etils import epath
   root = epath.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{path}: no TFDS dataset there (no such folder)")
   if (root / "dataset_info.json").is_file():
     return str(path)
   found, level = [], [root]
