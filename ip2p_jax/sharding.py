@@ -24,6 +24,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import functools
+
+import flax
 import flax.linen as nn
 import jax
 
@@ -64,9 +67,28 @@ DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
 )
 
 
+@flax.struct.dataclass
+class Named(nn.LogicallyPartitioned):
+  """A parameter with logical axis names that never constrains itself.
+
+  Flax's box applies ``with_sharding_constraint`` from the names alone whenever it is
+  unboxed under a mesh, so an init under ``jax.set_mesh`` fails on any dimension its
+  mesh axes do not divide (a 3-channel VAE ``conv_out`` on ``fsdp=4``). Placement here
+  is decided once, by :func:`shardings` (which replicates such dimensions and says
+  so) and given to ``jax.jit``/``device_put``; the names are only data.
+  """
+
+  def unbox(self, apply_constraint=True):
+    del apply_constraint
+    return self.value
+
+
 def partitioned(init_fn, axes: tuple[str | None, ...]):
   """Wraps a parameter initialiser so the parameter carries logical axis names."""
-  return nn.with_logical_partitioning(init_fn, axes)
+  @functools.wraps(init_fn)
+  def init(*args, **kwargs):
+    return Named(init_fn(*args, **kwargs), tuple(axes))
+  return init
 
 
 def mesh_sizes(shape, n: int | None = None) -> dict[str, int]:
