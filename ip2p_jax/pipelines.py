@@ -84,10 +84,15 @@ def _to_jnp_dtype(dtype):
 
 
 class _Progress:
-  """The host side of the per-step callback: a tqdm bar and the user's ``callback``."""
+  """The host side of the per-step callbacks: a tqdm bar, the user's ``callback`` and
+  ``callback_on_step_end``. The first exception a callback raises is kept (later steps
+  skip the callbacks) and re-raised once the compiled loop has finished."""
 
-  def __init__(self, total: int, size: int, bar: dict | None, callback, every: int):
+  def __init__(self, total: int, size: int, bar: dict | None, callback, every: int,
+               on_step_end=None, pipe=None):
     self.size, self.callback, self.every = size, callback, max(1, every)
+    self.on_step_end, self.pipe = on_step_end, pipe
+    self.error: Exception | None = None
     self.bar = None
     if bar is not None:
       from tqdm.auto import tqdm
@@ -97,12 +102,60 @@ class _Progress:
     step = int(step)
     if self.bar is not None:
       self.bar.update(1)
-    if self.callback is not None and (step + 1) % self.every == 0:
-      self.callback(step, float(timestep), np.asarray(latents)[:self.size])
+    if self.error is not None:
+      return
+    try:
+      if self.callback is None and self.on_step_end is None:
+        return
+      latents = np.asarray(latents)[:self.size]
+      if self.callback is not None and step % self.every == 0:  # diffusers: i % callback_steps
+        self.callback(step, float(timestep), latents)
+      if self.on_step_end is not None:
+        self._step_end(step, float(timestep), latents)
+    except Exception as e:  # noqa: BLE001 - re-raised after the loop
+      self.error = e
+
+  def _step_end(self, step, timestep, latents):
+    given = {"latents": latents}
+    out = self.on_step_end(self.pipe, step, timestep, given)
+    if out is None:
+      return
+    if not isinstance(out, dict):
+      raise TypeError("callback_on_step_end must return a dict (diffusers' convention: the "
+                      f"callback_kwargs it was given), got {type(out).__name__}")
+    returned = out.get("latents", latents)
+    if returned is not latents and not np.array_equal(np.asarray(returned), latents):
+      raise ValueError(
+          "callback_on_step_end returned changed latents: the sampling loop runs compiled "
+          "(jax.jit + lax.scan), where a callback reads the latents but cannot replace "
+          "them; return the callback_kwargs unchanged (or None)")
+    changed = sorted(set(out) - {"latents"})
+    if changed:
+      raise ValueError(f"callback_on_step_end returned {changed}: only 'latents' is passed "
+                       "to it, and it cannot be replaced")
 
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+CALLBACK_TENSOR_INPUTS = ("latents",)
+
+
+def _tensor_inputs(on_step_end, tensor_inputs) -> None:
+  """Checks ``callback_on_step_end_tensor_inputs`` (or a diffusers ``PipelineCallback``'s
+  ``tensor_inputs``): the latents only."""
+  if on_step_end is None:
+    return
+  if not callable(on_step_end):
+    raise TypeError(f"callback_on_step_end must be callable, got {type(on_step_end).__name__}")
+  names = getattr(on_step_end, "tensor_inputs", None) or tensor_inputs
+  names = [names] if isinstance(names, str) else list(names)
+  bad = [n for n in names if n not in CALLBACK_TENSOR_INPUTS]
+  if bad:
+    raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available: the "
+                     f"callback gets {list(CALLBACK_TENSOR_INPUTS)} (read-only) from the "
+                     "compiled loop")
 
 
 class _Pipeline:
@@ -205,12 +258,16 @@ class _Pipeline:
   def _num_calls(levels) -> int:
     return len(levels.plms_timesteps) if levels.plms_timesteps is not None else levels.num_steps
 
-  def _progress(self, levels, size, callback, callback_steps, progress_bar) -> _Progress | None:
+  def _progress(self, levels, size, callback, callback_steps, progress_bar,
+                on_step_end=None) -> _Progress | None:
+    if not isinstance(callback_steps, int) or callback_steps < 1:
+      raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
     show = (not self._progress_bar.get("disable", False)) if progress_bar is None else progress_bar
-    if not show and callback is None:
+    if not show and callback is None and on_step_end is None:
       return None
     bar = {k: v for k, v in self._progress_bar.items() if k != "disable"} if show else None
-    return _Progress(self._num_calls(levels), size, bar, callback, callback_steps)
+    return _Progress(self._num_calls(levels), size, bar, callback, callback_steps,
+                     on_step_end, self)
 
   # -- pieces used inside the jitted functions -----------------------------------------
 
@@ -320,6 +377,8 @@ class _Pipeline:
       result = jax.device_get(self._run(fn, *args))
       if progress is not None:
         jax.effects_barrier()  # every step's callback has run
+        if progress.error is not None:
+          raise progress.error
       return result
     finally:
       self._host_step = None
@@ -388,7 +447,10 @@ class InstructPix2PixPipeline(_Pipeline):
                scheduler: str | None = None, use_karras_sigmas: bool | None = None,
                output_type: str = "pil", eta: float = 0.0,
                callback: Callable[[int, float, np.ndarray], None] | None = None,
-               callback_steps: int = 1, progress_bar: bool | None = None,
+               callback_steps: int = 1,
+               callback_on_step_end: Callable[..., dict | None] | None = None,
+               callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
+               progress_bar: bool | None = None,
                resolution: int | None = None, resize: str = "fit",
                image_ids: Sequence[int] | None = None) -> PipelineOutput:
     """Edits ``image`` by ``prompt``, with diffusers' argument names and meanings.
@@ -406,11 +468,15 @@ class InstructPix2PixPipeline(_Pipeline):
     initial sigma. ``scheduler``: a sampler name (``ip2p_jax.diffusion.SAMPLERS``;
     default: the folder's own scheduler class); ``use_karras_sigmas`` overrides the
     folder's. ``output_type``: "pil", "np" (float [0, 1]) or "latent" (the final latents,
-    uncropped). ``callback(step, timestep, latents)`` is called every ``callback_steps``
-    steps from inside the compiled loop (latents NHWC numpy, diffusers' convention for the
-    sampler). ``progress_bar``: this call's bar (default: on, see
-    :meth:`set_progress_bar_config`)."""
+    uncropped). ``callback(step, timestep, latents)`` is called at steps 0,
+    ``callback_steps``, 2 ``callback_steps``, ... from inside the compiled loop (latents
+    NHWC numpy, diffusers' convention for the sampler); diffusers' newer
+    ``callback_on_step_end(pipe, step, timestep, {"latents": latents})`` after every step,
+    read-only (returning changed latents is an error: the loop is compiled). An exception
+    in a callback is raised from this call. ``progress_bar``: this call's bar (default:
+    on, see :meth:`set_progress_bar_config`)."""
     self._check_output_type(output_type)
+    _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
     if num_images_per_prompt < 1:
       raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
     if image is None:
@@ -444,7 +510,8 @@ class InstructPix2PixPipeline(_Pipeline):
         dict(pixels=pixels, text=text, empty=empty, image_ids=image_ids, latents=latents,
              text_scale=text_scale, image_scale=image_scale),
         dict(seed=np.uint32(seed)))
-    progress = self._progress(levels, size, callback, callback_steps, progress_bar)
+    progress = self._progress(levels, size, callback, callback_steps, progress_bar,
+                              callback_on_step_end)
     fn = self._edit_fn(name, config, levels, guided, latents is not None, float(eta),
                        progress is not None, output_type == "latent")
     result = self._run_reporting(
@@ -494,11 +561,15 @@ class TextToImagePipeline(_Pipeline):
                scheduler: str | None = None, use_karras_sigmas: bool | None = None,
                output_type: str = "pil", eta: float = 0.0,
                callback: Callable[[int, float, np.ndarray], None] | None = None,
-               callback_steps: int = 1, progress_bar: bool | None = None,
+               callback_steps: int = 1,
+               callback_on_step_end: Callable[..., dict | None] | None = None,
+               callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
+               progress_bar: bool | None = None,
                image_ids: Sequence[int] | None = None) -> PipelineOutput:
     """Generates images for ``prompt``; arguments as :class:`InstructPix2PixPipeline`'s
     (``negative_prompt`` is the unconditional branch's text, "" by default)."""
     self._check_output_type(output_type)
+    _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
     if num_images_per_prompt < 1:
       raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
     if prompt is None and prompt_embeds is None:
@@ -527,7 +598,8 @@ class TextToImagePipeline(_Pipeline):
     placed, size = self._shard(
         dict(text=text, negative=negative, image_ids=image_ids, latents=latents, scale=scale),
         dict(seed=np.uint32(seed)))
-    progress = self._progress(levels, size, callback, callback_steps, progress_bar)
+    progress = self._progress(levels, size, callback, callback_steps, progress_bar,
+                              callback_on_step_end)
     fn = self._generate_fn(name, config, levels, guided, latents is not None, float(eta),
                            (height // f, width // f), progress is not None,
                            output_type == "latent")

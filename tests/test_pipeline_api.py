@@ -1,6 +1,7 @@
 """The pipeline arguments a diffusers user expects, on the tiny model (float32, Euler):
 negative_prompt and num_images_per_prompt against diffusers (max abs <= 2e-3),
-prompt_embeds, output_type="latent", the per-step callback under jit, the progress bar,
+prompt_embeds, output_type="latent", the per-step callbacks under jit (``callback`` and
+``callback_on_step_end``, with diffusers' latents at diffusers' steps), the progress bar,
 paths as images with the CLI's preparation (Python and ``ip2p edit`` give the same
 pixels), torch_dtype, one default step count, the compilation cache."""
 import inspect
@@ -73,10 +74,60 @@ def test_prompt_embeds_latents_and_callback(pipes, image):
   levels = ours.sampler_and_levels("euler", STEPS)[2]
   np.testing.assert_allclose([t for _, t, _ in seen], levels.timesteps, rtol=1e-6)
   np.testing.assert_allclose(seen[-1][2], out, atol=1e-6)  # the last step's state is the result
-  every_other = []
-  ours("add a boat", image, output_type="latent", callback_steps=2,
-       callback=lambda step, t, z: every_other.append(step), **kw)
-  assert every_other == [1]  # steps 2, 4, ...: diffusers' callback_steps
+
+
+def test_callbacks_see_diffusers_latents_at_diffusers_steps(pipes, image):
+  """``callback`` (with ``callback_steps``) and ``callback_on_step_end`` are called at the
+  steps diffusers calls them, with diffusers' intermediate latents (NHWC here)."""
+  ref, ours = pipes
+  latents = np.random.default_rng(7).standard_normal((1, 12, 20, 4)).astype(np.float32)
+  want, want_steps = [], []
+
+  def on_end(pipe, i, t, kwargs):
+    want.append(kwargs["latents"].numpy().transpose(0, 2, 3, 1))
+    return kwargs
+  ref("add a boat", image=image, latents=torch.from_numpy(nchw(latents)), output_type="latent",
+      num_inference_steps=STEPS, callback_on_step_end=on_end)
+  ref("add a boat", image=image, latents=torch.from_numpy(nchw(latents)), output_type="latent",
+      num_inference_steps=STEPS, callback=lambda i, t, z: want_steps.append(i), callback_steps=2)
+
+  got, calls = [], []
+
+  def ours_on_end(pipe, i, t, kwargs):
+    assert pipe is ours and set(kwargs) == {"latents"}
+    got.append(kwargs["latents"])
+    calls.append(i)
+    return kwargs
+  steps = []
+  ours("add a boat", image, latents=latents, scheduler="euler", num_inference_steps=STEPS,
+       output_type="latent", progress_bar=False, callback_on_step_end=ours_on_end,
+       callback=lambda i, t, z: steps.append(i), callback_steps=2)
+  assert calls == list(range(STEPS)) and len(want) == STEPS
+  for g, w in zip(got, want):
+    assert np.abs(g - w).max() <= TOL
+  assert steps == want_steps == [0, 2]  # diffusers: i % callback_steps == 0
+
+
+def test_callback_errors_are_clear(pipes, image):
+  _, ours = pipes
+  kw = dict(num_inference_steps=STEPS, scheduler="euler", output_type="latent",
+            progress_bar=False)
+
+  def replace(pipe, i, t, kwargs):
+    return {"latents": kwargs["latents"] * 0}
+  with pytest.raises(ValueError, match="returned changed latents.*compiled"):
+    ours("x", image, callback_on_step_end=replace, **kw)
+  with pytest.raises(ValueError, match=r"\['prompt_embeds'\] are not available"):
+    ours("x", image, callback_on_step_end=lambda *a: None,
+         callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw)
+  with pytest.raises(ValueError, match="callback_steps must be a positive integer"):
+    ours("x", image, callback=print, callback_steps=0, **kw)
+
+  def broken(step, t, z):
+    raise RuntimeError(f"my bug at step {step}")
+  with pytest.raises(RuntimeError, match="my bug at step 0"):  # the user's own exception
+    ours("x", image, callback=broken, **kw)
+  ours("x", image, callback_on_step_end=lambda *a: None, **kw)  # None: nothing to replace
 
 
 def test_progress_bar_on_by_default_and_off(pipes, image, capfd):
