@@ -20,7 +20,8 @@ def load(folder: str | None = None):
   """A ``CLIPTokenizer`` from ``folder`` (a diffusers ``tokenizer/``) or the packaged vocab."""
   from transformers import CLIPTokenizer
   if folder is not None:
-    return CLIPTokenizer.from_pretrained(folder)
+    from ip2p_jax import paths  # transformers reads local folders only: a bucket's is copied
+    return CLIPTokenizer.from_pretrained(paths.local_copy(folder))
   # transformers 5: vocab=/merges= (vocab_file= silently builds a 2-token tokenizer).
   return CLIPTokenizer(vocab=os.path.join(ASSETS, "vocab.json"),
                        merges=os.path.join(ASSETS, "merges.txt"), model_max_length=MAX_LENGTH)

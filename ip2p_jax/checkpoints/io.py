@@ -11,7 +11,6 @@ mis-shaped ones are listed together in one error.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.metadata
 import json
 import os
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ip2p_jax import paths
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.atomic import atomic_write
 from ip2p_jax.checkpoints import formats, safetensors
@@ -40,16 +40,17 @@ class UnsafeWeightsError(CheckpointError):
 
 
 def resolve(path_or_id: str) -> str:
-  """A local folder for ``path_or_id``: the folder itself, or a Hugging Face hub id
-  found in the local cache. Never downloads."""
-  if os.path.isdir(path_or_id):
+  """A folder for ``path_or_id``: the folder itself (local or in a bucket, ``gs://...``),
+  or a Hugging Face hub id found in the local cache. Never downloads from the hub."""
+  if paths.isdir(path_or_id):
     return path_or_id
-  if os.path.isfile(path_or_id):
+  if paths.isfile(path_or_id):
     if path_or_id.endswith(PICKLE_SUFFIXES):
       raise UnsafeWeightsError(_pickle_message([path_or_id]))
     raise CheckpointError(f"{path_or_id}: a single weights file; pass a diffusers-format folder "
                           "(with model_index.json or config.json) instead")
-  looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+  looks_like_hub_id = (paths.is_local(path_or_id) and path_or_id.count("/") == 1
+                       and not path_or_id.startswith((".", "/", "~")))
   if looks_like_hub_id:
     try:
       import huggingface_hub
@@ -75,7 +76,7 @@ def _read_json(path: str) -> dict:
   """A JSON object from ``path``; a missing file, invalid JSON or another JSON type
   (``[]``, a string) is a :class:`CheckpointError` naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       data = json.load(f)
   except FileNotFoundError:
     raise CheckpointError(_missing_message(path)) from None
@@ -91,11 +92,11 @@ def _missing_message(path: str) -> str:
   """Why ``path`` (a config file) is missing, saying what its folder holds instead:
   pickle-only weights are refused as such, a component folder is told apart from a pipeline."""
   folder, name = os.path.split(path)
-  pickles = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES))
-  if pickles and not glob.glob(os.path.join(folder, "*.safetensors")):
+  pickles = sorted(p for p in paths.glob(folder, "*") if p.endswith(PICKLE_SUFFIXES))
+  if pickles and not paths.glob(folder, "*.safetensors"):
     return (f"{folder}: holds only pickle-based weights {[os.path.basename(p) for p in pickles]} "
             f"and no {name}. " + _pickle_message(pickles))
-  if name == "model_index.json" and os.path.isfile(os.path.join(folder, "config.json")):
+  if name == "model_index.json" and paths.isfile(os.path.join(folder, "config.json")):
     return (f"{path}: missing; {folder} is a single component folder (config.json), not a "
             "pipeline: pass the folder above it that holds model_index.json")
   return f"{path}: missing"
@@ -108,16 +109,16 @@ def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
     names += [f"{stem}.fp16", f"{stem}.bf16"]  # a folder holding only a variant
   for name in names:
     single = os.path.join(folder, f"{name}.safetensors")
-    if os.path.isfile(single):
+    if paths.isfile(single):
       return [single]
     indexes = [f"{name}.safetensors.index.json"]
     if variant:  # diffusers names sharded variants stem.safetensors.index.VARIANT.json
       indexes.append(f"{stem}.safetensors.index.{variant}.json")
     for index in (os.path.join(folder, i) for i in indexes):
-      if os.path.isfile(index):
+      if paths.isfile(index):
         weight_map = _read_json(index).get("weight_map", {})
         return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
-  pickles = [p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES)]
+  pickles = [p for p in paths.glob(folder, "*") if p.endswith(PICKLE_SUFFIXES)]
   if pickles:
     raise UnsafeWeightsError(_pickle_message(pickles))
   raise CheckpointError(f"{folder}: no weights found (expected {names[0]}.safetensors "
@@ -127,7 +128,7 @@ def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
 def read_state_dict(folder: str, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
   state = {}
   for path in _weight_files(folder, stem, variant):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise CheckpointError(f"{path}: listed in the shard index but missing")
     try:
       state.update(safetensors.load(path))
@@ -154,7 +155,8 @@ def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
 
   ``shardings`` (a pytree of ``jax.sharding.Sharding`` like the params): each parameter
   is made with ``jax.make_array_from_callback``, which asks only for the slices this
-  process's devices hold; over memory-mapped safetensors only those bytes are read."""
+  process's devices hold; over memory-mapped safetensors only those bytes are read, and
+  over a file in a bucket only the rows those slices span (``safetensors.LazyTensor``)."""
   expected = traverse_util.flatten_dict(abstract_params(module))
   params, missing, misshaped, used = {}, [], [], set()
   for path, spec in expected.items():
@@ -191,8 +193,11 @@ def params_from_state_dict(kind: formats.ComponentKind, module: nn.Module,
 def _sharded(array: np.ndarray, dtype, sharding) -> jax.Array:
   """A global array whose shards are read from ``array`` (a memory-mapped view) only
   for the devices of this process."""
-  return jax.make_array_from_callback(array.shape, sharding,
-                                      lambda index: np.asarray(array[index], dtype=dtype))
+  out = jax.make_array_from_callback(array.shape, sharding,
+                                     lambda index: np.asarray(array[index], dtype=dtype))
+  if isinstance(array, safetensors.LazyTensor):
+    array.release()
+  return out
 
 
 def module_from_config(raw: Mapping[str, Any], *, dtype: Any = jnp.float32,
@@ -312,13 +317,13 @@ def check_pipeline(path: str, variant: str | None = None) -> PipelineInfo:
   configs = {}
   for name in PIPELINE_MODELS:
     sub = os.path.join(folder, name)
-    if not os.path.isdir(sub):
+    if not paths.isdir(sub):
       raise CheckpointError(f"{folder}: pipeline component folder {name}/ is missing")
     configs[name] = check_component(sub, variant)
   sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-  scheduler_config = _read_json(sched) if os.path.isfile(sched) else {}
+  scheduler_config = _read_json(sched) if paths.isfile(sched) else {}
   tok_dir = os.path.join(folder, "tokenizer")
-  return PipelineInfo(folder, configs, scheduler_config, tok_dir if os.path.isdir(tok_dir) else None)
+  return PipelineInfo(folder, configs, scheduler_config, tok_dir if paths.isdir(tok_dir) else None)
 
 
 def check_component(folder: str, variant: str | None = None) -> Any:
@@ -331,7 +336,7 @@ def check_component(folder: str, variant: str | None = None) -> Any:
   except ValueError as e:
     raise CheckpointError(f"{where}: {e}") from None
   for weights in _weight_files(folder, kind.weights_name, variant):
-    if not os.path.isfile(weights):
+    if not paths.isfile(weights):
       raise CheckpointError(f"{weights}: listed in the shard index but missing")
     try:
       safetensors.read_header(weights)
@@ -349,15 +354,15 @@ def load_pipeline(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp
   modules, params = {}, {}
   for name in PIPELINE_MODELS:
     sub = os.path.join(folder, name)
-    if not os.path.isdir(sub):
+    if not paths.isdir(sub):
       raise CheckpointError(f"{folder}: pipeline component folder {name}/ is missing")
     kwargs = unet_kwargs if name == "unet" else {}
     modules[name], params[name] = load_component(sub, dtype=dtype, param_dtype=param_dtype,
                                                  variant=variant, **kwargs)
   tok_dir = os.path.join(folder, "tokenizer")
-  tokenizer = tokenizers.load(tok_dir if os.path.isdir(tok_dir) else None)
+  tokenizer = tokenizers.load(tok_dir if paths.isdir(tok_dir) else None)
   sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-  scheduler_config = _read_json(sched) if os.path.isfile(sched) else {}
+  scheduler_config = _read_json(sched) if paths.isfile(sched) else {}
   return PipelineParts(modules, params, tokenizer, scheduler_config, index)
 
 

@@ -9,13 +9,14 @@ bf16 without torch, and memory-maps so loading SD-size files copies nothing twic
 from __future__ import annotations
 
 import json
-import os
 import struct
+import threading
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from ip2p_jax import paths
 from ip2p_jax.atomic import atomic_write
 
 DTYPES = {
@@ -34,8 +35,8 @@ class SafetensorsError(ValueError):
 
 def read_header(path: str) -> tuple[dict, dict, int]:
   """Returns (tensor entries, metadata, byte offset of the data section)."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = paths.getsize(path)
+  with paths.open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise SafetensorsError(f"{path}: not a safetensors file ({size} bytes, truncated or empty)")
@@ -88,16 +89,108 @@ def _check_entry(path: str, name: str, entry) -> None:
 
 
 def load(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a file as (memory-mapped, read-only) numpy arrays."""
+  """All tensors of a file as (memory-mapped, read-only) numpy arrays; for a remote
+  file, as :class:`LazyTensor` s that read only what is indexed."""
   header, _, offset = read_header(path)
   if not header:
     return {}
+  if not paths.is_local(path):
+    return {name: LazyTensor(path, offset + entry["data_offsets"][0], DTYPES[entry["dtype"]],
+                             tuple(entry["shape"])) for name, entry in header.items()}
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
   out = {}
   for name, entry in header.items():
     begin, end = entry["data_offsets"]
     out[name] = data[begin:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
   return out
+
+
+class LazyTensor:
+  """A tensor of a remote safetensors file, read when indexed: ``t[index]`` (a tuple of
+  unit-step slices, what ``jax.make_array_from_callback`` asks for) reads the bytes of the
+  stored rows (leading dimension) the index touches, nothing else. ``transpose``/``.T``
+  give views (PyTorch -> Flax kernel layouts) without reading. The last span read is kept
+  (shared by the views of one tensor) until :meth:`release`, so devices that each want a
+  slice of a non-leading dimension do not fetch the same rows again."""
+
+  def __init__(self, path: str, offset: int, dtype, shape: tuple[int, ...],
+               axes: tuple[int, ...] | None = None, cache: dict | None = None):
+    self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
+    self.stored_shape = tuple(shape)
+    self.axes = tuple(range(len(shape))) if axes is None else tuple(axes)
+    self._cache = {} if cache is None else cache
+    self._lock = threading.Lock()
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.stored_shape[a] for a in self.axes)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.stored_shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.stored_shape, dtype=np.int64)) * self.dtype.itemsize
+
+  def transpose(self, *axes) -> "LazyTensor":
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+      axes = tuple(axes[0])
+    axes = axes or tuple(reversed(range(self.ndim)))
+    return LazyTensor(self.path, self.offset, self.dtype, self.stored_shape,
+                      tuple(self.axes[a] for a in axes), self._cache)
+
+  @property
+  def T(self) -> "LazyTensor":  # noqa: N802 - numpy's name
+    return self.transpose()
+
+  def release(self) -> None:
+    """Forgets the span kept from the last read."""
+    self._cache.clear()
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[tuple(slice(None) for _ in self.shape)]
+    return out if dtype is None else out.astype(dtype)
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+      at = index.index(Ellipsis)
+      index = index[:at] + (slice(None),) * (self.ndim - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (self.ndim - len(index))
+    if self.ndim == 0:
+      return self._rows(0, 1).reshape(())
+    stored = [slice(None)] * self.ndim
+    for view_dim, item in enumerate(index):
+      stored[self.axes[view_dim]] = item
+    lead = stored[0]
+    if isinstance(lead, slice) and lead.step in (None, 1):
+      start, stop, _ = lead.indices(self.stored_shape[0])
+      stop = max(start, stop)
+      rows, stored[0] = self._rows(start, stop), slice(None)
+    else:  # an integer or a strided selection: the whole tensor, then numpy
+      rows = self._rows(0, self.stored_shape[0])
+    block = rows[tuple(stored)]
+    # Integer indices drop dimensions: order the kept ones as the view has them.
+    kept = [a for a in self.axes if not isinstance(stored[a], (int, np.integer))]
+    return np.transpose(block, [sorted(kept).index(a) for a in kept])
+
+  def _rows(self, start: int, stop: int) -> np.ndarray:
+    """Stored rows ``[start, stop)`` (of the leading dimension) as an array."""
+    row = int(np.prod(self.stored_shape[1:], dtype=np.int64)) * self.dtype.itemsize
+    with self._lock:
+      kept = self._cache.get("span")
+      if kept is not None and kept[0] <= start and stop <= kept[1]:
+        return kept[2][start - kept[0]:stop - kept[0]]
+      data = paths.read_range(self.path, self.offset + start * row, (stop - start) * row)
+      rows = np.frombuffer(data, dtype=self.dtype).reshape(
+          (stop - start,) + self.stored_shape[1:] if self.ndim else ())
+      self._cache["span"] = (start, stop, rows)
+      self._cache["bytes_read"] = self._cache.get("bytes_read", 0) + len(data)
+      return rows
+
+  def __repr__(self) -> str:
+    return f"LazyTensor({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

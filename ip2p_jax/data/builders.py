@@ -413,18 +413,32 @@ def find_dataset(path: str) -> str:
   return found[0]
 
 
+def local_dataset(path: str, split: str | None = None) -> str:
+  """A local folder TFDS can open for the dataset at or below ``path``. A dataset in a
+  bucket is copied to this host's staging folder (``paths.local_copy``): ArrayRecord's
+  reader opens local files only (google/array_record#120). Only the metadata and, when
+  ``split`` is given, that split's record files are copied; a copy is reused."""
+  from ip2p_jax import paths
+  found = find_dataset(path)
+  if paths.is_local(found):
+    return found
+  records = ".array_record"
+  return paths.local_copy(found, keep=lambda name: records not in name or (
+      split is not None and f"-{split}{records}" in name))
+
+
 def open_split(path: str, split: str = "train", skip_decoding: tuple[str, ...] = ()):
-  """A random-access data source (``len``, ``[i]``) for ``split`` of a built dataset;
-  features in ``skip_decoding`` come back as encoded bytes."""
-  builder = tfds.builder_from_directory(find_dataset(path))
+  """A random-access data source (``len``, ``[i]``) for ``split`` of a built dataset
+  (local or in a bucket); features in ``skip_decoding`` come back as encoded bytes."""
+  builder = tfds.builder_from_directory(local_dataset(path, split))
   decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding
               if name in builder.info.features}
   return builder.as_data_source(split=split, decoders=decoders or None)
 
 
 def splits(path: str) -> list[str]:
-  return sorted(tfds.builder_from_directory(find_dataset(path)).info.splits.keys())
+  return sorted(tfds.builder_from_directory(local_dataset(path)).info.splits.keys())
 
 
 def features(path: str) -> list[str]:
-  return sorted(tfds.builder_from_directory(find_dataset(path)).info.features.keys())
+  return sorted(tfds.builder_from_directory(local_dataset(path)).info.features.keys())

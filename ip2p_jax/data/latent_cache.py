@@ -10,10 +10,16 @@ Each record (msgpack via ``flax.serialization``, never pickle) holds, for a trip
   ``caption_text``   the same for the edited image's caption (stage 1 trains on
                      edited image + caption), when the source has captions.
 Images are centre-cropped and resized to ``resolution`` (no random augmentation).
+
+The file may be in a bucket (``gs://...``): it is written locally and then copied there,
+and read from a copy in this host's staging folder (``paths.local_copy``; ArrayRecord's
+reader opens local files only).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from typing import Iterator
 
 import grain.python as grain
@@ -24,6 +30,7 @@ from array_record.python import array_record_data_source, array_record_module
 from flax import serialization
 from PIL import Image, ImageOps
 
+from ip2p_jax import paths
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.data.input_pipeline import Shard
 
@@ -47,7 +54,15 @@ def _batches(source, batch_size: int) -> Iterator[list[dict]]:
 def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
           progress=None) -> int:
   """Encodes every triplet of ``source`` with ``parts`` (a ``PipelineParts``: VAE, text
-  encoder, tokenizer) into the ArrayRecord file ``path``; returns the record count."""
+  encoder, tokenizer) into the ArrayRecord file ``path`` (local or in a bucket); returns
+  the record count."""
+  if not paths.is_local(path):
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+      count = build(source, local, parts, resolution=resolution, batch_size=batch_size,
+                    progress=progress)
+      paths.put(local, path)
+    return count
   vae, text_encoder = parts.modules["vae"], parts.modules["text_encoder"]
 
   @jax.jit
@@ -89,11 +104,12 @@ def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
 
 
 class LatentCacheSource(grain.RandomAccessDataSource):
-  """Random access to a latent cache file: ``source[i]`` -> dict of numpy arrays."""
+  """Random access to a latent cache file (local or in a bucket): ``source[i]`` -> dict
+  of numpy arrays."""
 
   def __init__(self, path: str):
     self.path = path
-    self._records = array_record_data_source.ArrayRecordDataSource([path])
+    self._records = array_record_data_source.ArrayRecordDataSource([paths.local_copy(path)])
 
   def __len__(self) -> int:
     return len(self._records)

@@ -80,7 +80,7 @@ def _frozen_encoders(config, kw, place) -> tuple[dict, dict, Any]:
       modules[name], params[name] = load_component(os.path.join(folder, name), shardings=place,
                                                    **kw)
     tok_dir = os.path.join(folder, "tokenizer")
-    return modules, params, tokenizers.load(tok_dir if os.path.isdir(tok_dir) else None)
+    return modules, params, tokenizers.load(tok_dir if paths.isdir(tok_dir) else None)
   for i, (name, source, preset) in enumerate((("vae", m.vae_from, m.vae),
                                               ("text_encoder", m.text_encoder_from,
                                                m.text_encoder))):
@@ -131,7 +131,7 @@ def build(config, place: Callable | None = None) -> Job:
     load = None
     if m.init_from:
       unet_dir = os.path.join(resolve(m.init_from), "unet")
-      with open(os.path.join(unet_dir, "config.json"), encoding="utf-8") as f:
+      with paths.open(os.path.join(unet_dir, "config.json"), encoding="utf-8") as f:
         stored = module_from_config(json.load(f), **unet_kw)
       latent = frozen_modules["vae"].config.latent_channels
       want = 2 * latent if stage == "instruct_pix2pix" else latent
