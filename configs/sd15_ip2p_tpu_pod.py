@@ -6,10 +6,12 @@ initialised from SD 1.5 (conv_in expanded 4 -> 8, bias kept). bf16 compute with 
 master weights, FSDP over all chips.
 
   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py \
-      gs://YOUR_BUCKET/ip2p --config.model.init_from=/data/sd15 --config.data.path=/data/ip2p
+      gs://YOUR_BUCKET/ip2p --config.model.init_from=gs://YOUR_BUCKET/sd15 \
+      --config.data.path=gs://YOUR_BUCKET/ip2p_data
 
-(the SD 1.5 folder and a dataset built by `ip2p data import`, at the same local path on
-every host). Expected speed on v5e-64 / v5p-128: BENCHMARKS.md, "Pod plan".
+(the SD 1.5 folder and a dataset built by `ip2p data import`, in the bucket or at the
+same local path on every host). Expected speed on v5e-64 / v5p-128: BENCHMARKS.md,
+"Pod plan".
 """
 from configs import models
 from configs.common import base_config
@@ -21,7 +23,7 @@ def get_config(arg=None):
   c.model.unet = models.IP2P_UNET
   c.model.vae = models.SD15_VAE
   c.model.text_encoder = models.CLIP_L14_TEXT
-  c.model.init_from = ""  # set to a local SD 1.5 folder
+  c.model.init_from = ""  # set to an SD 1.5 folder (local or gs://)
   c.model.compute_dtype = "bfloat16"
   c.model.remat = True
   c.data.path = ""        # a dataset built by `ip2p data import`

@@ -5,13 +5,14 @@
 #
 # `create` makes the slice and copies this checkout (the folder this script is in) to every
 # host, then installs it with the gs:// extras; nothing but gcloud and a bucket you own is
-# named. The workdir is a bucket path shared by all hosts; the dataset and the SD folder
-# must be readable on every host at the same path (ArrayRecord and safetensors are read
-# from local disk: copy them to each host or mount the bucket with gcsfuse).
+# named. The workdir is a bucket path shared by all hosts; the SD folder, the dataset and
+# a latent cache may be in the bucket too (safetensors are read in place by byte ranges;
+# ArrayRecord files are copied once per host to $IP2P_JAX_STAGING, default under /tmp).
 #
 #   TPU=ip2p-pod ZONE=us-west4-a TYPE=v5litepod-64 ./scripts/tpu_pod.sh create
 #   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh launch configs/sd15_ip2p_tpu_pod.py \
-#       gs://YOUR_BUCKET/ip2p --config.model.init_from=/data/sd15 --config.data.path=/data/ip2p
+#       gs://YOUR_BUCKET/ip2p --config.model.init_from=gs://YOUR_BUCKET/sd15 \
+#       --config.data.path=gs://YOUR_BUCKET/ip2p_data
 #   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh logs
 #   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh stop     # SIGTERM: checkpoint, then exit
 #   TPU=ip2p-pod ZONE=us-west4-a ./scripts/tpu_pod.sh delete

@@ -103,6 +103,117 @@ def test_a_workdir_in_a_bucket_trains_resumes_and_exports(fake_bucket, shapes_da
   assert (sheet[2:12, 4:100] < 128).any() and (sheet[18:30, 4:300] < 128).any()  # text drawn
 
 
+def test_remote_safetensors_are_read_by_byte_range(fake_bucket, monkeypatch):
+  """A safetensors file in a bucket is not copied: its tensors are read when indexed, in
+  PyTorch or Flax layout (transposed views), equal to the stored arrays bit for bit; a
+  slice of the stored leading dimension (a conv's output channels, a Dense kernel's
+  outputs) reads exactly those rows' bytes, and the header is read once."""
+  import ml_dtypes
+  from ip2p_jax import paths
+  from ip2p_jax.checkpoints import formats, safetensors
+  rng = np.random.default_rng(0)
+  tensors = {"conv.weight": rng.standard_normal((8, 3, 3, 5)).astype(np.float32),
+             "dense.weight": rng.standard_normal((6, 10)).astype(np.float16),
+             "norm.weight": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+             "scalar": np.array(2.5, np.float32)}
+  os.makedirs(os.path.join(fake_bucket, "bucket"))
+  safetensors.save(os.path.join(fake_bucket, "bucket", "w.safetensors"), tensors)
+  reads = []
+  real = paths.read_range
+  monkeypatch.setattr(paths, "read_range", lambda p, s, n: reads.append((p, n)) or real(p, s, n))
+  lazy = safetensors.load("gs://bucket/w.safetensors")
+  assert reads == [] and all(isinstance(t, safetensors.LazyTensor) for t in lazy.values())
+  for name, t in tensors.items():
+    assert lazy[name].shape == t.shape and lazy[name].dtype == t.dtype
+    np.testing.assert_array_equal(np.asarray(lazy[name]), t, err_msg=name)
+  conv = formats.from_torch(("conv", "kernel"), lazy["conv.weight"])   # (3, 5, 3, 8)
+  ref = formats.from_torch(("conv", "kernel"), tensors["conv.weight"])
+  assert conv.shape == ref.shape == (3, 5, 3, 8)
+  for index in [(slice(None),) * 3 + (slice(2, 4),), (slice(0, 1), slice(None), slice(1, 3)),
+                (1, slice(None), 2, slice(0, 8, 2)), (Ellipsis, 3), (slice(None), 4)]:
+    np.testing.assert_array_equal(conv[index], ref[index], err_msg=str(index))
+  conv.release()
+  reads.clear()
+  np.testing.assert_array_equal(conv[..., 2:4], ref[..., 2:4])
+  assert reads == [("gs://bucket/w.safetensors", 2 * 3 * 3 * 5 * 4)]  # rows 2:4 only
+  dense = formats.from_torch(("dense", "kernel"), lazy["dense.weight"])  # (10, 6)
+  dense.release()  # forget the whole tensor read above
+  reads.clear()
+  np.testing.assert_array_equal(dense[:, 3:6], tensors["dense.weight"].T[:, 3:6])
+  np.testing.assert_array_equal(dense[0:5, 3:6], tensors["dense.weight"].T[0:5, 3:6])
+  assert [n for _, n in reads] == [3 * 10 * 2]  # the second slice reuses the rows read
+
+
+def test_training_reads_its_model_data_and_latent_cache_from_a_bucket(
+    fake_bucket, model, shapes_dataset, tmp_path, monkeypatch):
+  """``model.init_from``, ``data.path`` (ArrayRecord) and ``data.latents`` in ``gs://``
+  (and the workdir too): the latent cache is written to the bucket, the run trains the
+  same parameters, bit for bit, as from the local copies, and nothing lands in the
+  working directory. The model folder is read in place (no weights staged); the record
+  files and the tokenizer, which only local-file readers open, are copied once into the
+  staging folder. ``vae_from``/``text_encoder_from``/``tokenizer_from`` in the bucket give
+  the same frozen encoders as the local folders."""
+  import shutil
+  from flax import traverse_util
+  import jax
+  from ip2p_jax.checkpoints import load_pipeline
+  from ip2p_jax.data import builders, latent_cache
+  from ip2p_jax.train import jobs
+  from ip2p_jax.train.loop import train_and_evaluate
+  bucket = os.path.join(fake_bucket, "bucket")
+  shutil.copytree(model, os.path.join(bucket, "model"))
+  shutil.copytree(shapes_dataset, os.path.join(bucket, "data", "t", "1.0.0"))
+  staging = tmp_path / "staging"
+  monkeypatch.setenv("IP2P_JAX_STAGING", str(staging))
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+
+  parts = load_pipeline("gs://bucket/model")
+  assert latent_cache.build(builders.open_split("gs://bucket/data", "train"),
+                            "gs://bucket/latents.arrayrecord", parts, resolution=32) == 32
+  local_cache = str(tmp_path / "latents.arrayrecord")
+  shutil.copy(os.path.join(bucket, "latents.arrayrecord"), local_cache)
+
+  def config(init_from, data, latents):
+    c = tiny_ip2p.get_config()
+    c.model.init_from, c.data.path, c.data.latents = init_from, data, latents
+    c.total_steps, c.export, c.num_samples, c.sample_steps = 2, False, 1, 1
+    return c
+  remote = train_and_evaluate(config("gs://bucket/model", "gs://bucket/data",
+                                     "gs://bucket/latents.arrayrecord"), "gs://bucket/run")
+  local = train_and_evaluate(config(model, shapes_dataset, local_cache), str(tmp_path / "run"))
+  assert remote["step"] == local["step"] == 2
+  got = traverse_util.flatten_dict(jax.device_get(remote["state"].params))
+  want = traverse_util.flatten_dict(jax.device_get(local["state"].params))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+  assert os.listdir(cwd) == []
+  staged = sorted(os.path.relpath(os.path.join(r, f), staging)
+                  for r, _, files in os.walk(staging) for f in files)
+  assert "gs/bucket/latents.arrayrecord" in staged
+  assert "gs/bucket/data/t/1.0.0/shapes_world-train.array_record-00000-of-00001" in staged
+  assert any(f.startswith("gs/bucket/model/tokenizer/") for f in staged)
+  assert not [f for f in staged if f.endswith(".safetensors")]
+
+  c = tiny_ip2p.get_config()
+  for name in ("vae", "text_encoder", "tokenizer"):
+    c.model[f"{name}_from"] = f"gs://bucket/model/{name}"
+  from_bucket = jobs.build(c)
+  for name in ("vae", "text_encoder", "tokenizer"):
+    c.model[f"{name}_from"] = os.path.join(model, name)
+  from_disk = jobs.build(c)
+  for name in ("vae", "text_encoder"):
+    assert from_bucket.frozen_modules[name].config == from_disk.frozen_modules[name].config
+  got = traverse_util.flatten_dict(jax.device_get(from_bucket.frozen_params))
+  want = traverse_util.flatten_dict(jax.device_get(from_disk.frozen_params))
+  assert got.keys() == want.keys() and len(got) > 10
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+  assert from_bucket.tokenizer("a red cube").input_ids == from_disk.tokenizer("a red cube").input_ids
+
+
 # -- several processes stop together ----------------------------------------------------------
 
 def _free_port():
@@ -112,52 +223,87 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, outs, steps, mesh="dcn=2,data=1"):
-  worker = os.path.join(HERE, "helpers", "train_worker.py")
-  port = _free_port()
-  return [subprocess.Popen(
-      [sys.executable, worker, "configs/tiny_ip2p.py", str(workdir), str(outs[i]),
-       "--steps", str(steps), "--mesh", mesh, "--coordinator", f"127.0.0.1:{port}",
-       "--process-id", str(i), "--num-processes", "2"], cwd=ROOT,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+class _TwoProcesses:
+  """Two ``train_worker.py`` processes joined by ``jax.distributed`` (a coordinator on
+  localhost, one CPU device each), the small shared dataset, one sample at the end. Each
+  process's console goes to ``LOG_DIR/NAME.I.log``; a failure shows both logs' tails, and
+  leaving the block kills what still runs (the workers ignore SIGTERM while they save)."""
+
+  def __init__(self, tmp_path, name, workdir, steps, data, mesh="dcn=2,data=1"):
+    worker = os.path.join(HERE, "helpers", "train_worker.py")
+    port = _free_port()
+    self.outs = [tmp_path / f"{name}.{i}.npz" for i in range(2)]
+    self.logs = [tmp_path / f"{name}.{i}.log" for i in range(2)]
+    self.procs = []
+    for i in range(2):
+      with open(self.logs[i], "w") as log:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, worker, "configs/tiny_ip2p.py", str(workdir), str(self.outs[i]),
+             "--steps", str(steps), "--mesh", mesh, "--data", data, "--samples", "1",
+             "--coordinator", f"127.0.0.1:{port}", "--process-id", str(i),
+             "--num-processes", "2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  def report(self, what: str) -> str:
+    tails = [f"--- process {i} (exit {p.poll()}) ---\n{self.logs[i].read_text()[-2500:]}"
+             for i, p in enumerate(self.procs)]
+    return "\n".join([what, *tails])
+
+  def finish(self, timeout: float) -> list[int]:
+    """Waits for both to exit 0; returns the step each stopped at."""
+    import time
+    deadline = time.time() + timeout
+    for p in self.procs:
+      try:
+        p.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        pytest.fail(self.report(f"still running after {timeout:.0f} s"))
+    if [p.returncode for p in self.procs] != [0, 0]:
+      pytest.fail(self.report("a process failed"))
+    return [int(np.load(o)["__step__"]) for o in self.outs]
 
 
-def _finish(procs, timeout=900):
-  errors = [p.communicate(timeout=timeout)[1] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(e[-3000:] for e in errors)
-  return errors
-
-
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
-  """SIGTERM to process 1 only: both processes leave the loop at the same step (JAX's
-  preemption sync point), save it together and exit cleanly; rerunning continues to the
-  same parameters, bit for bit, as a two-process run that was never interrupted. The mesh
-  has a dcn axis over the two processes (the multi-slice layout)."""
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_bitwise(
+    tmp_path, shapes_dataset):
+  """SIGTERM to process 1 only, once step 2 is logged: both processes leave the loop at
+  the same step (JAX's preemption sync point), save that step together and exit 0;
+  rerunning to two steps further continues to the same parameters, bit for bit, as a
+  two-process run that was never interrupted. The mesh has a dcn axis over the two
+  processes (the multi-slice layout). Budget: 10 minutes a run (a few seconds each when
+  the machine is idle; the compiles dominate)."""
   import time
   work = tmp_path / "run"
-  outs = [tmp_path / "a0.npz", tmp_path / "a1.npz"]
-  procs = _two_processes(work, outs, steps=100000)
-  metrics = work / "metrics.jsonl"
-  deadline = time.time() + 1800
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
-    if time.time() > deadline:
-      for p in procs:
-        p.kill()
-      pytest.fail("the two processes did not log 2 steps in 30 minutes")
-    time.sleep(0.2)
-  procs[1].send_signal(15)
-  _finish(procs)
-  stopped = [int(np.load(o)["__step__"]) for o in outs]
-  assert stopped[0] == stopped[1] >= 2
+  with _TwoProcesses(tmp_path, "interrupted", work, 100000, shapes_dataset) as run:
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      if any(p.poll() is not None for p in run.procs):
+        pytest.fail(run.report("a process exited before step 2"))
+      if time.time() > deadline:
+        pytest.fail(run.report("step 2 not logged in 10 minutes"))
+      time.sleep(0.2)
+    run.procs[1].send_signal(15)
+    stopped = run.finish(timeout=600)
+  assert stopped[0] == stopped[1] >= 2, stopped
   saved = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
-  assert saved[-1] == stopped[0]
+  assert saved[-1] == stopped[0], (saved, stopped)
+  assert f"preempted: saved step {stopped[0]}" in run.logs[0].read_text()
   target = stopped[0] + 2
-  _finish(_two_processes(work, [tmp_path / "b0.npz", tmp_path / "b1.npz"], steps=target))
-  _finish(_two_processes(tmp_path / "fresh", [tmp_path / "c0.npz", tmp_path / "c1.npz"],
-                         steps=target))
-  resumed, fresh = np.load(tmp_path / "b0.npz"), np.load(tmp_path / "c0.npz")
-  assert int(resumed["__step__"]) == int(fresh["__step__"]) == target
+  with _TwoProcesses(tmp_path, "resumed", work, target, shapes_dataset) as resumed_run:
+    assert resumed_run.finish(timeout=600) == [target, target]
+  assert f"resumed from step {stopped[0]}" in resumed_run.logs[0].read_text()
+  with _TwoProcesses(tmp_path, "fresh", tmp_path / "fresh", target, shapes_dataset) as fresh_run:
+    assert fresh_run.finish(timeout=600) == [target, target]
+  resumed, fresh = np.load(resumed_run.outs[0]), np.load(fresh_run.outs[0])
   names = [k for k in fresh.files if not k.startswith("__")]
   assert names and sorted(names) == sorted(k for k in resumed.files if not k.startswith("__"))
   for k in names:
@@ -225,3 +371,105 @@ def test_training_from_a_pipeline_folder_places_its_weights(model, shapes_datase
   assert trained.keys() == folder.keys()
   for k in folder:
     np.testing.assert_array_equal(trained[k], folder[k], err_msg="/".join(k))
+
+
+# -- the README's pod and SLURM commands name only what exists ----------------------------------
+
+_PARSE_TRAIN_FLAGS = """
+import json, runpy, sys
+ns = runpy.run_path("scripts/train.py", run_name="readme_check")
+ns["parse_flags"](sys.argv)
+from absl import flags
+print(json.dumps({"workdir": flags.FLAGS.workdir, "config": flags.FLAGS.config.to_dict()},
+                 default=str))
+"""
+
+
+def _readme_section(title: str) -> str:
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  start = text.index(f"### {title}")
+  end = text.index("\n## ", start)
+  return text[start:end]
+
+
+def _bash_commands(section: str) -> list[str]:
+  import re
+  blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+  return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _train_flags(args: list[str]) -> dict:
+  """``scripts/train.py``'s own flag parsing (config file, every ``--config.KEY=V``, the
+  workdir) on ``args``, without training; unknown keys fail as they would on a pod."""
+  r = _run("-c", _PARSE_TRAIN_FLAGS, *args, timeout=300)
+  assert r.returncode == 0, f"scripts/train.py {' '.join(args)}:\n{r.stdout}{r.stderr[-2000:]}"
+  return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_the_readme_pod_and_slurm_commands_name_only_what_exists(tmp_path):
+  """Each command of README's "Several hosts" section runs as far as this machine allows:
+  ``scripts/tpu_pod.sh`` with a stand-in ``gcloud`` on PATH (recording its arguments) for
+  every subcommand shown but ``create`` (which tars this checkout), and the train.py
+  command it launches on every host, like the SLURM ``srun`` line's, through
+  ``scripts/train.py``'s flag parser: the config files exist and every ``--config.KEY``
+  override is a key of that config. The files and the pip extra the section names exist."""
+  import re
+  import shlex
+  section = _readme_section("Several hosts: TPU pods and SLURM")
+  for name in sorted(set(re.findall(r"`((?:scripts|configs|benchmarks)/[\w./]+)`", section))):
+    assert os.path.exists(os.path.join(ROOT, name)), name
+  extra = re.search(r'pip install -e "\.\[(\w+)\]"', section).group(1)
+  setup = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+  assert f'"{extra}":' in setup
+  assert "## Pod plan" in open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8").read()
+
+  script = os.path.join(ROOT, "scripts", "tpu_pod.sh")
+  assert os.access(script, os.X_OK)
+  assert subprocess.run(["bash", "-n", script]).returncode == 0
+  bin_dir, calls = tmp_path / "bin", tmp_path / "gcloud_calls.jsonl"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(
+      f"#!{sys.executable}\nimport json, sys\n"
+      f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+  commands = _bash_commands(section)
+  pod = [c for c in commands if "./scripts/tpu_pod.sh" in c]
+  srun = [c for c in commands if c.startswith("srun ")]
+  subcommand = lambda c: shlex.split(c)[shlex.split(c).index("./scripts/tpu_pod.sh") + 1]
+  assert [subcommand(c) for c in pod] == ["create", "launch", "logs"] and len(srun) == 1
+  launched = []
+  for command in pod:
+    words = shlex.split(command)
+    assigned = dict(w.split("=", 1) for w in words[:words.index("./scripts/tpu_pod.sh")])
+    args = words[words.index("./scripts/tpu_pod.sh") + 1:]
+    if args[0] == "create":  # would tar and copy this checkout: only the flags it passes
+      assert assigned["TYPE"].startswith("v5litepod-")
+      continue
+    calls.unlink(missing_ok=True)
+    r = subprocess.run(["bash", script, *args], cwd=ROOT, env={**env, **assigned},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"{command}\n{r.stderr}"
+    call = json.loads(calls.read_text().splitlines()[0])
+    assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", assigned["TPU"]], call
+    assert call[call.index("--zone") + 1] == assigned["ZONE"]
+    remote = call[call.index("--command") + 1]
+    if args[0] == "launch":
+      assert "--worker=all" in call
+      launched = shlex.split(remote.split("nohup ", 1)[1].split(" > ", 1)[0])
+  for script_name in ("stop", "delete"):  # the script's other subcommands, in its usage line
+    calls.unlink(missing_ok=True)
+    r = subprocess.run(["bash", script, script_name], cwd=ROOT, env={**env, "TPU": "t",
+                                                                     "ZONE": "z"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and calls.exists(), r.stderr
+
+  assert launched[:2] == ["python", "scripts/train.py"], launched
+  pod_run = _train_flags(launched[2:])
+  assert pod_run["workdir"].startswith("gs://") and pod_run["config"]["distributed"] is True
+  assert pod_run["config"]["model"]["init_from"] and pod_run["config"]["data"]["path"]
+  words = shlex.split(srun[0])
+  slurm = _train_flags(words[words.index("scripts/train.py") + 1:])
+  assert slurm["config"]["distributed"] is True and slurm["config"]["model"]["init_from"]

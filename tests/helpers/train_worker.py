@@ -3,7 +3,7 @@ fixed before jax starts) and saves the final params.
 
   python train_worker.py CONFIG WORKDIR OUT.npz [--devices N] [--mesh data=2,fsdp=4]
       [--steps 3] [--coordinator HOST:PORT --process-id I --num-processes N]
-      [--as-processes N]
+      [--as-processes N] [--data DATASET] [--samples N]
 
 ``--as-processes N``: one process that reads the data as N processes would (each
 global batch is shard 0's per-process batch, then shard 1's, ..., the row order of
@@ -27,6 +27,9 @@ p.add_argument("--coordinator")
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--as-processes", type=int, default=1)
+p.add_argument("--data", default="", help="a built dataset (default: the config's)")
+p.add_argument("--samples", type=int, default=0,
+               help="num_samples, one sampling step (default: the config's)")
 args = p.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -97,6 +100,10 @@ config.total_steps = args.steps
 config.batch_size = args.batch
 config.checkpoint_every = 1000
 config.export = False
+if args.data:
+  config.data.path = args.data
+if args.samples:
+  config.num_samples, config.sample_steps = args.samples, 1
 for item in filter(None, args.mesh.split(",")):
   key, value = item.split("=")
   config.mesh[key] = int(value)
