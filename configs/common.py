@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 1                  # loss/metrics read back (and NaN checked) every N steps
   c.sample_every = 0               # 0: only at the end
-  c.num_samples = 4
+  c.num_samples = 4                # examples on each sample sheet (0: no sample sheets)
   c.sample_steps = 10
   c.eval_every = 0                 # IP2P: held-out shapes-world edit success every N steps
   c.eval_num = 32

@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir) -> dict:
           config=ocp.args.JsonSave(config.to_dict())), force=True)
 
     def check_finite(done: int):
-      if not bool(finite):
+      if not bool(jax.device_get(finite)):  # explicit: the only reads are here and at logs
         manager.wait_until_finished()
         raise NonFiniteLoss(
             f"loss is not finite at a step in ({checked[0]}, {done}]; stopping. Last good "
@@ -338,7 +338,7 @@ class _Samples:
   (first of the sample split) through one sampler, compiled once per run, that reads the
   EMA weights where they lie (sharded on the training mesh); every process runs it and
   process 0 writes ``WORKDIR/samples/step_N.png``. None for CLIP, which has no picture
-  to show (its accuracy is in the metrics)."""
+  to show (its accuracy is in the metrics), nor with ``num_samples = 0``."""
 
   def __init__(self, config, job, dataset, params_shardings, frozen_shardings, mesh):
     self.config, self.job, self.dataset, self.mesh = config, job, dataset, mesh
@@ -370,7 +370,7 @@ class _Samples:
                             out_shardings=replicated).lower(params, frozen, self.inputs).compile()
 
   def write(self, params, frozen, step: int, workdir) -> None:
-    if self.job.stage == "clip":
+    if self.job.stage == "clip" or not self.config.num_samples:
       return
     if self.compiled is None:
       self._prepare(params, frozen)

@@ -28,8 +28,8 @@ p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--as-processes", type=int, default=1)
 p.add_argument("--data", default="", help="a built dataset (default: the config's)")
-p.add_argument("--samples", type=int, default=0,
-               help="num_samples, one sampling step (default: the config's)")
+p.add_argument("--samples", type=int, default=-1,
+               help="num_samples (0: no sample sheet), one sampling step (default: the config's)")
 args = p.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,7 +102,7 @@ config.checkpoint_every = 1000
 config.export = False
 if args.data:
   config.data.path = args.data
-if args.samples:
+if args.samples >= 0:
   config.num_samples, config.sample_steps = args.samples, 1
 for item in filter(None, args.mesh.split(",")):
   key, value = item.split("=")
