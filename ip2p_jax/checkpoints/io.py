@@ -59,7 +59,7 @@ def resolve(path_or_id: str) -> str:
       raise CheckpointError(
           f"{path_or_id!r} is not a local folder and is not in the local Hugging Face cache. "
           f"This library does not download at run time: fetch it where the hub is reachable "
-          f"(`huggingface-cli download {path_or_id} --local-dir DIR`) and pass the local folder."
+          f"(`hf download {path_or_id} --local-dir DIR`) and pass the local folder."
       ) from None
   raise CheckpointError(f"{path_or_id}: no such folder")
 

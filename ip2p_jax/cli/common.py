@@ -29,7 +29,7 @@ def resolve_model(model: str | None) -> str:
   raise CommandError(
       "no default model is bundled with this installation yet. Pass --model with a "
       "diffusers-format InstructPix2Pix folder, e.g. a local copy of timbrooks/instruct-pix2pix "
-      "(`huggingface-cli download timbrooks/instruct-pix2pix --local-dir ip2p-model`, then "
+      "(`hf download timbrooks/instruct-pix2pix --local-dir ip2p-model`, then "
       "`--model ip2p-model`).")
 
 
