@@ -8,8 +8,16 @@ and the noise is ``fold_in(key(seed), noise_id(REL))``. Adding, removing or
 reordering inputs never changes another image's name or edit; two inputs that
 would write the same output are an error before any work.
 
+Several edits may run in sequence (a chain: ``ip2p edit -p A -p B``, ``--chain FILE``):
+each step's output, 8-bit and with the padding cropped off, is the next step's input,
+and every step's noise is ``fold_in(key(its seed), noise_id(REL))``. A chain runs one
+step at a time over a window of images (each instruction encoded once per run), so a
+folder through two steps costs about what one run per instruction does, without
+writing and reading the intermediate images.
+
 Every output PNG carries its own record (input, instruction, seed, scales, steps,
-sampler, resolution, resize, dtype, model hash) in a text chunk, and
+sampler, resolution, resize, dtype, model hash; a chain's steps under ``chain``) in a
+text chunk, and
 ``OUT/manifest.json`` keeps every run (time, settings, what was edited, kept and
 failed, appended) and every output's record. An existing output made with exactly
 the current settings is kept, so a killed run resumes where it stopped; a folder
@@ -31,6 +39,7 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import jax
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ip2p_jax import images as imagelib
@@ -42,7 +51,8 @@ RECORD_KEY = "ip2p_jax"  # the PNG text chunk holding an output's record
 MANIFEST = "manifest.json"
 # The record keys an output's pixels depend on, besides its input file.
 RECIPE_KEYS = ("instruction", "seed", "text_scale", "image_scale", "steps", "sampler", "karras",
-               "resolution", "resize", "dtype", "model")
+               "chain", "resolution", "resize", "dtype", "model")
+STEP_KEYS = ("instruction", "seed", "text_scale", "image_scale", "steps", "sampler", "karras")
 
 
 class EditError(ValueError):
@@ -50,9 +60,55 @@ class EditError(ValueError):
   output, or an output folder holding outputs made otherwise."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One edit: what its output depends on besides its input image, the model and the
+  preparation (resolution, resize, dtype). ``sampler`` None: the model's own."""
+  instruction: str
+  seed: int = 0
+  text_scale: float = 7.5
+  image_scale: float = 1.5
+  steps: int = 50  # pipelines.DEFAULT_STEPS
+  sampler: str | None = None
+  karras: bool = False  # Karras sigmas (diffusers' use_karras_sigmas)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data, where: str = "step") -> "Step":
+    """A step from its :meth:`to_dict` record; wrong or missing fields are an
+    :class:`EditError` naming ``where``."""
+    if not isinstance(data, dict):
+      raise EditError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(STEP_KEYS))
+    if unknown:
+      raise EditError(f"{where}: unknown field(s) {unknown}; a step has {list(STEP_KEYS)}")
+    if not isinstance(data.get("instruction"), str):
+      raise EditError(f"{where}: 'instruction' must be a string")
+    types = dict(seed=(int,), text_scale=(int, float), image_scale=(int, float), steps=(int,),
+                 sampler=(str, type(None)), karras=(bool,))
+    for key, allowed in types.items():
+      value = data.get(key, getattr(cls, key))
+      if not isinstance(value, allowed) or (isinstance(value, bool) and key != "karras"):
+        raise EditError(f"{where}: {key!r} = {value!r} has the wrong type")
+    step = cls(**{k: data[k] for k in STEP_KEYS if k in data})
+    validate_step(step, where)
+    return step
+
+  @property
+  def batch_key(self) -> tuple:
+    """Steps with the same key run as one compiled call (instructions and scales are
+    per-image inputs; the guided and unguided programs differ)."""
+    guided = self.text_scale > 1.0 and self.image_scale >= 1.0
+    return (self.seed, self.steps, self.sampler, self.karras, guided)
+
+
 @dataclasses.dataclass
 class EditSettings:
-  prompt: str
+  """One run of ``ip2p edit``: the edit (``prompt`` ... ``karras``) or, when ``chain`` is
+  given, its steps in order; and how the job runs."""
+  prompt: str | None
   steps: int = 50  # pipelines.DEFAULT_STEPS
   text_scale: float = 7.5
   image_scale: float = 1.5
@@ -65,6 +121,14 @@ class EditSettings:
   overwrite: bool = False
   max_pixels: int = imagelib.DEFAULT_MAX_PIXELS
   dtype: str = "float32"
+  chain: tuple[Step, ...] = ()  # several edits in sequence; replaces prompt ... karras
+
+  def edits(self) -> list[Step]:
+    """The steps this run applies, in order (one unless ``chain``)."""
+    if self.chain:
+      return list(self.chain)
+    return [Step(self.prompt, self.seed, self.text_scale, self.image_scale, self.steps,
+                 self.sampler, self.karras)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +150,7 @@ class Plan:
   missing: list[dict]
   recipe: dict
   previous: dict[str, dict]  # output REL -> record, from the folder's manifests and PNGs
+  steps: list[Step] = dataclasses.field(default_factory=list)  # samplers resolved
 
 
 @dataclasses.dataclass
@@ -100,17 +165,33 @@ class Report:
     return not self.failed
 
 
+def validate_step(step: Step, where: str = "") -> None:
+  """:class:`EditError` naming the first bad field of ``step`` (with its command-line flag;
+  ``where`` prefixes the message, e.g. a chain file's step)."""
+  s, at = step, f"{where}: " if where else ""
+  checks = [
+      (isinstance(s.instruction, str), f"{at}the instruction must be a string"),
+      (isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
+       f"{at}--seed must be an integer in [0, {MAX_SEED}], got {s.seed!r}"),
+      (math.isfinite(s.text_scale),
+       f"{at}--text-scale must be a finite number, got {s.text_scale}"),
+      (math.isfinite(s.image_scale),
+       f"{at}--image-scale must be a finite number, got {s.image_scale}"),
+      (s.steps >= 1, f"{at}--steps must be >= 1, got {s.steps}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise EditError(message)
+
+
 def validate_settings(settings: EditSettings) -> None:
   """Every setting checked at once, before any work; :class:`EditError` names the first
   bad one with its command-line flag."""
   s = settings
+  steps = s.edits()
+  for k, step in enumerate(steps):
+    validate_step(step, f"step {k + 1}" if len(steps) > 1 else "")
   checks = [
-      (isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
-       f"--seed must be an integer in [0, {MAX_SEED}], got {s.seed!r}"),
-      (math.isfinite(s.text_scale), f"--text-scale must be a finite number, got {s.text_scale}"),
-      (math.isfinite(s.image_scale),
-       f"--image-scale must be a finite number, got {s.image_scale}"),
-      (s.steps >= 1, f"--steps must be >= 1, got {s.steps}"),
       (s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}"),
       (s.resolution >= 8, f"--resolution must be >= 8, got {s.resolution}"),
       (s.resize in imagelib.RESIZE_MODES,
@@ -194,13 +275,25 @@ def plan_items(pairs: Sequence[tuple[str, str]], out_dir: str) -> list[Item]:
   return items
 
 
+def resolved_steps(settings: EditSettings, sampler: str) -> list[Step]:
+  """The run's steps with ``sampler`` (the model's own) filled in where a step names none."""
+  return [dataclasses.replace(step, sampler=step.sampler or sampler)
+          for step in settings.edits()]
+
+
 def recipe(settings: EditSettings, sampler: str, model: str) -> dict:
-  """What an output's pixels depend on besides its input (see ``RECIPE_KEYS``)."""
+  """What an output's pixels depend on besides its input (see ``RECIPE_KEYS``): one
+  edit's fields, or a chain's steps under ``chain``."""
   s = settings
-  return dict(instruction=s.prompt, seed=s.seed, text_scale=s.text_scale,
-              image_scale=s.image_scale, steps=s.steps, sampler=sampler,
-              karras=True if s.karras else None,  # None: records from before --karras match
-              resolution=s.resolution, resize=s.resize, dtype=s.dtype, model=model)
+  job = dict(resolution=s.resolution, resize=s.resize, dtype=s.dtype, model=model)
+  steps = resolved_steps(settings, sampler)
+  if len(steps) > 1:
+    return dict(chain=[step.to_dict() for step in steps], **job)
+  (step,) = steps
+  return dict(instruction=step.instruction, seed=step.seed, text_scale=step.text_scale,
+              image_scale=step.image_scale, steps=step.steps, sampler=step.sampler,
+              karras=True if step.karras else None,  # None: records from before --karras match
+              **job)
 
 
 def record(item: Item, recipe_: dict) -> dict:
@@ -254,6 +347,8 @@ def _difference(old: dict | None, new: dict) -> str:
   if old is None:
     return "no record of how it was made"
   keys = [k for k in ("input", "noise_id", *RECIPE_KEYS) if old.get(k) != new.get(k)]
+  if "chain" in keys:  # one field, not each step's
+    keys = [k for k in keys if k not in STEP_KEYS]
   return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
@@ -283,7 +378,7 @@ def make_plan(inputs: Sequence[str], out_dir: str, settings: EditSettings, *, sa
     else:
       conflicts.append((it.output, _difference(old, new)))
   for rel, old in previous.items():
-    if rel not in planned and any(old.get(k) != recipe_[k] for k in RECIPE_KEYS):
+    if rel not in planned and any(old.get(k) != recipe_.get(k) for k in RECIPE_KEYS):
       conflicts.append((os.path.join(out_dir, rel), _difference(old, {**old, **recipe_})))
   if conflicts and not settings.overwrite:
     path, why = conflicts[0]
@@ -294,7 +389,8 @@ def make_plan(inputs: Sequence[str], out_dir: str, settings: EditSettings, *, sa
   mine = [it for k, it in enumerate(items) if k % world == rank]
   kept = [it for it in mine if it.output in matching and not settings.overwrite]
   todo = [it for it in mine if it not in kept]
-  return Plan(out_dir, items, todo, kept, missing, recipe_, previous)
+  return Plan(out_dir, items, todo, kept, missing, recipe_, previous,
+              resolved_steps(settings, sampler))
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:
@@ -326,8 +422,9 @@ def _write_manifest(plan: Plan, settings: EditSettings, report: Report, started:
   data["runs"].append({
       "time": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
           timespec="seconds"),
-      "settings": {**dataclasses.asdict(settings), "sampler": plan.recipe["sampler"],
-                   "model": plan.recipe["model"]},
+      "settings": {**dataclasses.asdict(settings), "sampler": plan.recipe.get("sampler"),
+                   "model": plan.recipe["model"],
+                   "chain": [step.to_dict() for step in plan.steps] if settings.chain else []},
       "edited": [{"input": e["input"], "output": e["output"]} for e in report.edited],
       "skipped_existing": report.skipped_existing,
       "failed": report.failed, "seconds": round(report.seconds, 3)})
@@ -365,37 +462,90 @@ def edit_files(pipe, inputs: Sequence[str], out_dir: str, settings: EditSettings
   return report
 
 
+def edit_images(pipe, images: Sequence[Image.Image], steps: Sequence[Step],
+                noise_ids: Sequence[int], *, resolution: int, resize: str = "fit",
+                batch_size: int = 1, texts: dict | None = None,
+                on_batch: Callable[[list[int], list[Image.Image]], None] | None = None
+                ) -> list[Image.Image]:
+  """Image ``k`` edited by ``steps[k]`` with noise ``noise_ids[k]``: the one edit that
+  ``ip2p edit``, edit chains and ``ip2p demo`` share.
+
+  Each image is prepared (``resolution``, ``resize``), images of one prepared size and
+  one :attr:`Step.batch_key` run ``batch_size`` at a time through one compiled call (a
+  step's instruction and scales are per-image inputs), and each result comes back
+  8-bit with the padding cropped off. ``texts``: instruction -> encoded text states,
+  filled here so an instruction is encoded once however many calls use it.
+  ``on_batch(indices, results)`` is called after every compiled call."""
+  if not (len(images) == len(steps) == len(noise_ids)):
+    raise ValueError(f"got {len(images)} images, {len(steps)} steps, {len(noise_ids)} noise ids")
+  texts = {} if texts is None else texts
+  for text in {"", *(step.instruction for step in steps)} - set(texts):
+    texts[text] = pipe.encode_prompt([text])[0]
+  prepared = [imagelib.prepare(im, resolution, resize, pipe.size_multiple) for im in images]
+  groups: dict[tuple, list[int]] = {}
+  for k, (p, step) in enumerate(zip(prepared, steps)):
+    groups.setdefault((p.image.size, step.batch_key), []).append(k)
+  out: list[Image.Image | None] = [None] * len(images)
+  for indices in groups.values():
+    for batch in _batches(indices, batch_size):
+      step = steps[batch[0]]
+      result = pipe(prompt_embeds=np.stack([texts[steps[k].instruction] for k in batch]),
+                    negative_prompt_embeds=texts[""][None],
+                    image=[prepared[k].image for k in batch],
+                    num_inference_steps=step.steps,
+                    guidance_scale=[steps[k].text_scale for k in batch],
+                    image_guidance_scale=[steps[k].image_scale for k in batch],
+                    seed=step.seed, scheduler=step.sampler,
+                    image_ids=[noise_ids[k] for k in batch],
+                    use_karras_sigmas=True if step.karras else None, progress_bar=False)
+      edited = [imagelib.unpad(im, prepared[k]) for k, im in zip(batch, result.images)]
+      for k, im in zip(batch, edited):
+        out[k] = im
+      if on_batch:
+        on_batch(batch, edited)
+  return out
+
+
 def _edit(pipe, plan: Plan, settings: EditSettings, report: Report, progress) -> None:
-  multiple = pipe.size_multiple
-  bar = progress(total=len(plan.todo)) if progress else None
-  # Load a window at a time, group by prepared size (one compiled program per size).
+  """Loads a window of inputs at a time and runs every step over the whole window; the
+  last step's results are written as each compiled call finishes."""
+  steps = plan.steps
+  texts: dict = {}  # each instruction encoded once for the whole run
+  bar = progress(total=len(plan.todo) * len(steps)) if progress else None
   for window in _batches(plan.todo, max(settings.batch_size * 8, 8)):
-    groups: dict[tuple[int, int], list] = {}
+    loaded = []
     for it in window:
       try:
-        im = imagelib.load(it.input, settings.max_pixels)
-        prepared = imagelib.prepare(im, settings.resolution, settings.resize, multiple)
+        loaded.append((it, imagelib.load(it.input, settings.max_pixels)))
       except (imagelib.ImageError, OSError) as e:
         report.failed.append({"input": it.input, "error": str(e)})
         if bar:
-          bar.update(1)
-        continue
-      groups.setdefault(prepared.image.size, []).append((it, prepared))
-    for group in groups.values():
-      for batch in _batches(group, settings.batch_size):
-        result = pipe(settings.prompt, [p.image for _, p in batch],
-                      num_inference_steps=settings.steps, guidance_scale=settings.text_scale,
-                      image_guidance_scale=settings.image_scale, seed=settings.seed,
-                      scheduler=plan.recipe["sampler"], image_ids=[it.noise_id for it, _ in batch],
-                      use_karras_sigmas=True if settings.karras else None, progress_bar=False)
-        for (it, prepared), edited in zip(batch, result.images):
-          rec = record(it, plan.recipe)
-          imagelib.save(imagelib.unpad(edited, prepared), it.output,
-                        text={RECORD_KEY: json.dumps(rec)})
-          report.edited.append({"input": it.input, "output": it.output, "rel": output_rel(it.rel),
-                                "noise_id": it.noise_id, "record": rec})
+          bar.update(len(steps))
+    if not loaded:
+      continue
+    images = [im for _, im in loaded]
+    ids = [it.noise_id for it, _ in loaded]
+
+    def save(indices, edited):
+      for k, im in zip(indices, edited):
+        it = loaded[k][0]
+        rec = record(it, plan.recipe)
+        imagelib.save(im, it.output, text={RECORD_KEY: json.dumps(rec)})
+        report.edited.append({"input": it.input, "output": it.output, "rel": output_rel(it.rel),
+                              "noise_id": it.noise_id, "record": rec})
+
+    for n, step in enumerate(steps):
+      last = n == len(steps) - 1
+
+      def done(indices, edited, last=last):
+        if last:
+          save(indices, edited)
         if bar:
-          bar.update(len(batch))
+          bar.update(len(indices))
+
+      images = edit_images(pipe, images, [step] * len(images), ids,
+                           resolution=settings.resolution, resize=settings.resize,
+                           batch_size=settings.batch_size, texts=texts, on_batch=done)
   if bar:
     bar.close()
 

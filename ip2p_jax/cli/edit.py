@@ -1,7 +1,9 @@
-"""``ip2p edit``: edit images, a folder or a large image set by one instruction."""
+"""``ip2p edit``: edit images, a folder or a large image set by an instruction, several
+instructions in sequence (``-p A -p B``), or a saved edit chain (``--chain FILE``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -15,7 +17,12 @@ EXAMPLES = """examples:
   ip2p edit photo.jpg -p "make it look like a watercolor" -o out/
   ip2p edit photos/ "more/*.png" -p "turn the sky red" -o out/ --batch-size 8 --steps 20
   ip2p edit photo.jpg -p "add fireworks" -o out/ --grid   # text x image scale sweep
+  ip2p edit photos/ -p "make it winter" -p "add a red scarf" -o out/   # a chain of two
+  ip2p edit photos/ --chain chain.json -o out/   # replay a chain saved by ip2p demo
 """
+STEP_FLAGS = {"steps": "--steps", "text_scale": "--text-scale", "image_scale": "--image-scale",
+              "seed": "--seed", "sampler": "--sampler", "karras": "--karras"}
+PREPARATION = {"resolution": "--resolution", "resize": "--resize", "dtype": "--dtype"}
 
 
 def _floats(text: str) -> list[float]:
@@ -51,25 +58,31 @@ def add_parser(sub) -> None:
                      "--resolution, padded to the size the model needs, edited, and the "
                      "padding cropped off.", formatter_class=HelpFormatter)
   p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
-  p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+  p.add_argument("-p", "--prompt", action="append", metavar="INSTRUCTION",
+                 help="the edit instruction; repeat it to apply several in sequence, each "
+                      "output the next one's input (one -p or --chain is required)")
+  p.add_argument("--chain", metavar="FILE",
+                 help="replay an edit chain saved as JSON (ip2p demo's download, "
+                      "ip2p_jax.chain.EditChain.save): its steps, each with its own seed, "
+                      "scales, steps and sampler, and its resolution, resize and dtype")
   p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
   p.add_argument("--model", help="diffusers-format folder or cached hub id "
                  "(default: the model bundled with ip2p_jax)")
   p.add_argument("--adapter", type=_adapter, action="append", default=[],
                  metavar="PATH[:SCALE]", help="apply a LoRA or Custom Diffusion adapter "
                  "(ip2p customize, or a diffusers UNet LoRA) at SCALE (default 1); repeatable")
-  p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
-  p.add_argument("--text-scale", type=float, default=7.5, help="text guidance s_T")
-  p.add_argument("--image-scale", type=float, default=1.5, help="image guidance s_I")
-  p.add_argument("--seed", type=int, default=0,
-                 help="in [0, 2^32 - 1]; an image's noise is (seed, a hash of its path "
-                      "relative to the input folder)")
+  p.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULT_STEPS})")
+  p.add_argument("--text-scale", type=float, help="text guidance s_T (default 7.5)")
+  p.add_argument("--image-scale", type=float, help="image guidance s_I (default 1.5)")
+  p.add_argument("--seed", type=int,
+                 help="in [0, 2^32 - 1] (default 0); an image's noise is (seed, a hash of its "
+                      "path relative to the input folder)")
   p.add_argument("--sampler", choices=SAMPLER_CHOICES, metavar="NAME",
                  help=f"one of {', '.join(SAMPLER_CHOICES)}; {SAMPLER_HELP}")
   p.add_argument("--karras", action="store_true", help=KARRAS_HELP)
   p.add_argument("--resolution", type=int, default=None,
                  help="longest side in pixels (default: the model's native size, 512 for SD)")
-  p.add_argument("--resize", choices=["fit", "crop", "resize"], default="fit",
+  p.add_argument("--resize", choices=["fit", "crop", "resize"],
                  help="fit: pad, nothing cut (default); crop: the original's centre crop; "
                       "resize: stretch slightly")
   p.add_argument("--batch-size", type=int, default=1,
@@ -79,8 +92,9 @@ def add_parser(sub) -> None:
                       "settings are kept and outputs made otherwise are an error)")
   p.add_argument("--max-pixels", type=int, default=64_000_000,
                  help="refuse inputs with more pixels (decompression bombs)")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                 help="compute and weight dtype (bfloat16 halves memory, for accelerators)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                 help="compute and weight dtype (default float32; bfloat16 halves memory, "
+                      "for accelerators)")
   p.add_argument("--grid", action="store_true",
                  help="also write INPUT_grid.png sweeping text x image scale per input")
   p.add_argument("--grid-text-scales", type=_floats, default=[3.0, 5.0, 7.5, 10.0],
@@ -123,6 +137,34 @@ def _check_prompt_length(prompt: str, tokenizer_dir: str | None) -> None:
          f"{tokenizers.MAX_LENGTH} (start and end tokens included), the rest is ignored")
 
 
+def _steps(args):
+  """The edits to apply, from -p (one or several) or --chain; and the chain, if any.
+  Checked before the model loads."""
+  from ip2p_jax import editing
+  from ip2p_jax.chain import EditChain
+  if args.chain and args.prompt:
+    raise CommandError("give -p/--prompt or --chain, not both")
+  if not args.chain and not args.prompt:
+    raise CommandError("ip2p edit: the following arguments are required: -p/--prompt "
+                       "(or --chain FILE)")
+  if args.chain:
+    given = [flag for key, flag in STEP_FLAGS.items() if getattr(args, key) not in (None, False)]
+    if given:
+      raise CommandError(f"{', '.join(given)}: with --chain every step has its own; edit the "
+                         "chain file, or give the instructions with -p instead")
+    chain = EditChain.load(args.chain)
+    if not chain.steps:
+      raise CommandError(f"--chain {args.chain}: the chain has no steps")
+    return chain.steps, chain
+  step = editing.Step(
+      "", seed=0 if args.seed is None else args.seed,
+      text_scale=7.5 if args.text_scale is None else args.text_scale,
+      image_scale=1.5 if args.image_scale is None else args.image_scale,
+      steps=DEFAULT_STEPS if args.steps is None else args.steps,
+      sampler=args.sampler, karras=args.karras)
+  return [dataclasses.replace(step, instruction=p) for p in args.prompt], None
+
+
 def _plan(args, info, process: tuple[int, int]):
   """Everything checked before the model loads: settings, inputs, output folder, records.
   ``process``: (index, count) of this process."""
@@ -134,21 +176,35 @@ def _plan(args, info, process: tuple[int, int]):
   unet = info.configs["unet"]
   check_editor(unet, info.configs["vae"], info.folder)
   native = (unet.sample_size or 64) * 2 ** (len(info.configs["vae"].block_out_channels) - 1)
+  steps, chain = _steps(args)
+  if args.grid and len(steps) > 1:
+    raise CommandError("--grid sweeps the scales of one edit; give one -p")
+  made = {k: getattr(chain, k) for k in PREPARATION} if chain else {}
+  first = steps[0]
   settings = editing.EditSettings(
-      prompt=args.prompt, steps=args.steps, text_scale=args.text_scale,
-      image_scale=args.image_scale, seed=args.seed, sampler=args.sampler, karras=args.karras,
-      resolution=args.resolution or native, resize=args.resize, batch_size=args.batch_size,
-      overwrite=args.overwrite, max_pixels=args.max_pixels, dtype=args.dtype)
+      prompt=first.instruction if len(steps) == 1 else None, steps=first.steps,
+      text_scale=first.text_scale, image_scale=first.image_scale, seed=first.seed,
+      sampler=first.sampler, karras=first.karras,
+      chain=tuple(steps) if len(steps) > 1 else (),
+      resolution=args.resolution or made.get("resolution") or native,
+      resize=args.resize or made.get("resize") or "fit", batch_size=args.batch_size,
+      overwrite=args.overwrite, max_pixels=args.max_pixels,
+      dtype=args.dtype or made.get("dtype") or "float32")
   editing.validate_settings(settings)
-  sampler = args.sampler or schedules.sampler_of_scheduler_config(info.scheduler_config)
-  if args.karras and sampler not in schedules.KARRAS_SAMPLERS:
-    raise CommandError(f"--karras: {sampler} has no Karras sigmas in diffusers; samplers that "
-                       f"do: {', '.join(schedules.KARRAS_SAMPLERS)}")
-  schedules.ScheduleConfig.from_dict(info.scheduler_config, sampler)
+  sampler = schedules.sampler_of_scheduler_config(info.scheduler_config)
+  for step in steps:
+    name = step.sampler or sampler
+    if name not in schedules.SAMPLERS:
+      raise CommandError(f"sampler {name!r}: not one of {', '.join(schedules.SAMPLERS)}")
+    if step.karras and name not in schedules.KARRAS_SAMPLERS:
+      raise CommandError(f"--karras: {name} has no Karras sigmas in diffusers; samplers that "
+                         f"do: {', '.join(schedules.KARRAS_SAMPLERS)}")
+    schedules.ScheduleConfig.from_dict(info.scheduler_config, name)
   _, missing = editing.expand_inputs(args.inputs)
   if missing:
     raise CommandError(missing[0]["error"])
-  _check_prompt_length(args.prompt, info.tokenizer_dir)
+  for text in dict.fromkeys(step.instruction for step in steps):
+    _check_prompt_length(text, info.tokenizer_dir)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     raise CommandError(f"-o {args.output}: exists and is not a folder")
   model = folder_hash(info.folder)
@@ -156,12 +212,35 @@ def _plan(args, info, process: tuple[int, int]):
     if not os.path.isfile(path):
       raise CommandError(f"--adapter {path}: no such file")
     model += f"+{file_hash(path)}@{scale:g}"
+  if chain is not None and chain.model and chain.model != model:
+    warn(f"--chain {args.chain} was made with model {chain.model}, this run uses {model}: "
+         "its images will differ from the chain's")
   plan = editing.make_plan(args.inputs, args.output, settings, sampler=sampler,
                            model=model, process=process)
   if not plan.items:
     raise CommandError(f"no image files found in {' '.join(args.inputs)}")
   check_output_folder(args.output)
-  return settings, plan
+  return settings, plan, chain
+
+
+def _check_replay(chain, report, max_pixels: int) -> None:
+  """Where an input is the chain's own source, says whether the replay gave the chain's
+  recorded final image (same pixels) or not."""
+  from ip2p_jax import images as imagelib
+  from ip2p_jax.chain import pixels_sha256
+  recorded = chain.output_sha256[-1] if chain.output_sha256 else None
+  if not recorded or not chain.source_sha256:
+    return
+  for entry in report.edited:
+    if os.path.basename(entry["input"]) != chain.name:
+      continue
+    if pixels_sha256(imagelib.load(entry["input"], max_pixels)) != chain.source_sha256:
+      continue
+    if pixels_sha256(imagelib.load(entry["output"])) == recorded:
+      print(f"{entry['output']}: the chain's recorded result, pixel for pixel")
+    else:
+      warn(f"{entry['output']}: differs from the chain's recorded result (another model, "
+           "dtype, batch size or machine)")
 
 
 def run(args) -> int:
@@ -174,22 +253,22 @@ def run(args) -> int:
   from ip2p_jax.checkpoints import check_pipeline
 
   info = check_pipeline(resolve_model(args.model))
-  settings, plan = _plan(args, info, (0, 1))  # jax.distributed must start before JAX does
+  settings, plan, chain = _plan(args, info, (0, 1))  # jax.distributed must start first
   if args.coordinator:
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
   elif args.distributed:
     jax.distributed.initialize()
   if jax.process_count() > 1:  # each process's slice depends on the process count
-    settings, plan = _plan(args, info, (jax.process_index(), jax.process_count()))
+    settings, plan, chain = _plan(args, info, (jax.process_index(), jax.process_count()))
   if not args.no_compilation_cache:
     enable_compilation_cache()
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
   pipe = InstructPix2PixPipeline.from_pretrained(info.folder, dtype=dtype, param_dtype=dtype,
                                                  compilation_cache=False)
   for path, scale in args.adapter:
     pipe.load_adapter(path, scale)
-  progress = lambda total: tqdm(total=total, unit="img", desc="editing", dynamic_ncols=True,
+  progress = lambda total: tqdm(total=total, unit="edit", desc="editing", dynamic_ncols=True,
                                 disable=None)
   report = editing.edit_files(pipe, args.inputs, args.output, settings, plan=plan,
                               progress=progress)
@@ -200,6 +279,8 @@ def run(args) -> int:
                                 noise_id=entry["noise_id"])
       stem = os.path.splitext(entry["output"])[0]
       imagelib.save(grid, f"{stem}_grid.png")
+  if chain is not None:
+    _check_replay(chain, report, args.max_pixels)
   n = len(report.edited)
   rate = n / report.seconds if report.seconds else 0.0
   print(f"edited {n}, kept {len(report.skipped_existing)} existing, failed "
