@@ -13,7 +13,8 @@ import os
 import numpy as np
 
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
-                                 HelpFormatter, enable_compilation_cache, fail, resolve_model)
+                                 HelpFormatter, check_sampler, enable_compilation_cache, fail,
+                                 resolve_model)
 from ip2p_jax.pipelines import DEFAULT_STEPS
 
 EXAMPLES = """examples:
@@ -50,6 +51,7 @@ def add_parser(sub) -> None:
   p.add_argument("--seed", type=int, default=0, help="example k uses noise (seed, k)")
   p.add_argument("--sampler", choices=SAMPLER_CHOICES, metavar="NAME",
                  help=f"one of {', '.join(SAMPLER_CHOICES)}; {SAMPLER_HELP}")
+  p.add_argument("--karras", action="store_true", help=KARRAS_HELP)
   p.add_argument("--batch-size", type=int, default=8, help="examples per compiled call")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="compute and weight dtype")
@@ -114,7 +116,7 @@ def run(args) -> int:
 
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax import images as imagelib
-  from ip2p_jax.checkpoints import CheckpointError
+  from ip2p_jax.checkpoints import CheckpointError, check_pipeline
   from ip2p_jax.metrics import evaluate, vae_psnr
   from ip2p_jax.metrics import report as reports
 
@@ -126,6 +128,7 @@ def run(args) -> int:
     enable_compilation_cache()
   try:
     model = resolve_model(args.model)
+    check_sampler(args.sampler, args.karras, check_pipeline(model).scheduler_config)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype,
                                                    compilation_cache=False)
@@ -141,7 +144,7 @@ def run(args) -> int:
       return evaluate(pipe, examples, num_inference_steps=args.steps,
                       guidance_scale=text_scale, image_guidance_scale=image_scale,
                       seed=args.seed, scheduler=args.sampler, batch_size=args.batch_size,
-                      clip=clip, progress=bar.update)
+                      clip=clip, progress=bar.update, use_karras_sigmas=args.karras or None)
 
   result = run_at(args.text_scale, args.image_scale, "evaluating")
   outputs = result.pop("outputs")
