@@ -127,9 +127,29 @@ def test_dataset_records_are_matched_to_their_scene_graphs(dataset, tmp_path):
     (["--clip", "/nonexistent/clip"], "--clip: /nonexistent/clip: not a CLIP model folder"),
     (["--num", "0"], "--num, --steps and --batch-size must be >= 1"),
     (["--data", "/nonexistent/data"], "no TFDS dataset"),
+    (["--sampler", "ddim", "--karras"], "--karras: ddim has no Karras sigmas in diffusers"),
+    (["--karras"], "--karras: euler_ancestral has no Karras sigmas"),  # the folder's own
 ])
 def test_errors_are_one_line(model, tmp_path, capsys, no_default_clip, extra, message):
   rc = main(["eval", "--model", model, "--out", str(tmp_path / "o"), *FAST, *extra])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and err[0].startswith("ip2p: error:"), err
   assert message in err[0]
+
+
+def test_karras_and_sampler_as_in_edit(model, tmp_path, capsys, no_default_clip):
+  """``ip2p eval --sampler euler --karras`` edits with Karras sigmas (recorded in
+  eval.json), as ``ip2p edit`` does: other pixels than without ``--karras``."""
+  results = {}
+  for karras in (False, True):
+    out = tmp_path / f"karras_{karras}"
+    rc = main(["eval", "--model", model, "--num", "2", "--out", str(out), "--sampler", "euler",
+               *FAST, "--steps", "4",  # (with 2 steps Karras' sigmas are the usual two)
+               *(["--karras"] if karras else [])])
+    assert rc == 0, capsys.readouterr().err
+    results[karras] = json.load(open(out / "eval.json"))
+  assert results[True]["settings"]["use_karras_sigmas"] is True
+  assert "use_karras_sigmas" not in results[False]["settings"]
+  assert results[True]["settings"]["scheduler"] == results[False]["settings"]["scheduler"] == "euler"
+  psnr = {k: [e["psnr"] for e in r["examples"]] for k, r in results.items()}
+  assert psnr[True] != psnr[False]

@@ -47,6 +47,18 @@ KARRAS_HELP = ("Karras et al. sigmas (diffusers' use_karras_sigmas) for euler, h
                "dpmpp_2m, dpmpp_2m_sde, unipc")
 
 
+def check_sampler(sampler: str | None, karras: bool, scheduler_config) -> str:
+  """The sampler that will run (``--sampler``, else the folder's own scheduler class), with
+  ``--karras`` and the folder's scheduler options checked for it before any model loads."""
+  from ip2p_jax.diffusion import schedules
+  name = sampler or schedules.sampler_of_scheduler_config(scheduler_config)
+  if karras and name not in schedules.KARRAS_SAMPLERS:
+    raise CommandError(f"--karras: {name} has no Karras sigmas in diffusers; samplers that "
+                       f"do: {', '.join(schedules.KARRAS_SAMPLERS)}")
+  schedules.ScheduleConfig.from_dict(scheduler_config, name)
+  return name
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
   """Examples kept as written; every option's default shown."""
 

@@ -23,7 +23,8 @@ from ip2p_jax.metrics.shapes_scoring import score_edit
 def edit_examples(pipe, examples: Sequence[shapes.Example], *, num_inference_steps: int,
                   guidance_scale: float, image_guidance_scale: float, seed: int,
                   scheduler: str | None, batch_size: int,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+                  progress: Callable[[int], None] | None = None,
+                  use_karras_sigmas: bool | None = None) -> np.ndarray:
   """uint8 ``[N, S, S, 3]``: each example's input edited by its own instruction."""
   n = len(examples)
   outputs = []
@@ -34,7 +35,8 @@ def edit_examples(pipe, examples: Sequence[shapes.Example], *, num_inference_ste
                np.stack([examples[i].input_image for i in ids]),
                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                image_guidance_scale=image_guidance_scale, seed=seed, scheduler=scheduler,
-               output_type="np", image_ids=ids, progress_bar=False).images
+               use_karras_sigmas=use_karras_sigmas, output_type="np", image_ids=ids,
+               progress_bar=False).images
     outputs.append((np.asarray(out[:len(chunk)]) * 255).round().clip(0, 255).astype(np.uint8))
     if progress is not None:
       progress(len(chunk))
@@ -44,13 +46,15 @@ def edit_examples(pipe, examples: Sequence[shapes.Example], *, num_inference_ste
 def evaluate(pipe, examples: Sequence[shapes.Example], *, num_inference_steps: int = 50,
              guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, seed: int = 0,
              scheduler: str | None = None, batch_size: int = 8, clip=None, params=None,
-             progress: Callable[[int], None] | None = None) -> dict:
+             progress: Callable[[int], None] | None = None,
+             use_karras_sigmas: bool | None = None) -> dict:
   """Edits ``examples`` with ``pipe`` (an ``InstructPix2PixPipeline``) and scores them.
 
   ``clip``: a :class:`ClipSimilarity` to add the paper's CLIP metrics (captions
   before/after as the texts). ``params``: evaluate these parameters instead of the
   pipeline's (e.g. a training run's EMA; the compiled sampler is reused).
-  ``progress(k)`` is called after each batch of ``k`` examples.
+  ``progress(k)`` is called after each batch of ``k`` examples. ``scheduler`` and
+  ``use_karras_sigmas`` as the pipeline takes them (default: the folder's own).
 
   Returns the :func:`aggregate.summarize` dict (``overall``, ``per_edit_type``,
   ``held_out``, ``held_out_edit``) plus ``settings``, ``examples`` (one
@@ -62,10 +66,13 @@ def evaluate(pipe, examples: Sequence[shapes.Example], *, num_inference_steps: i
   settings = dict(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
                   image_guidance_scale=float(image_guidance_scale), seed=seed,
                   scheduler=scheduler, num_examples=len(examples))
+  if use_karras_sigmas is not None:
+    settings["use_karras_sigmas"] = bool(use_karras_sigmas)
   outputs = edit_examples(pipe, examples, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale,
                           image_guidance_scale=image_guidance_scale, seed=seed,
-                          scheduler=scheduler, batch_size=batch_size, progress=progress)
+                          scheduler=scheduler, batch_size=batch_size, progress=progress,
+                          use_karras_sigmas=use_karras_sigmas)
   scores = []
   for k, (example, output) in enumerate(zip(examples, outputs)):
     scores.append({"index": k, "instruction": example.instruction, **score_edit(example, output)})
