@@ -7,7 +7,8 @@ output images in [0, 1] <= 2e-3, for every timestep spacing ("leading",
 "linspace", "trailing") x every sampler: DDIM (eta 0), Euler, DPM-Solver++(2M), Heun,
 LMS, PNDM (PLMS), UniPC, and Euler ancestral, DDPM and DPM-Solver++(2M) SDE with their
 fresh noise set to zero on both sides; Karras sigmas; a folder saved with Stable Diffusion
-1.5's scheduler (PNDM) runs PNDM by default.
+1.5's scheduler (PNDM, PLMS) runs PNDM by default, as does one with PNDM's Runge-Kutta
+warm-up.
 """
 import diffusers
 import numpy as np
@@ -132,14 +133,17 @@ def test_karras_sigmas_match_diffusers(ip2p, inputs, sampler, monkeypatch):
   assert err <= TOL
 
 
-def test_a_pndm_folder_runs_pndm(tmp_path, inputs):
-  """Stable Diffusion 1.5's scheduler_config.json (PNDM, PLMS, leading + offset 1): with
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_a_pndm_folder_runs_pndm(tmp_path, inputs, skip_prk_steps):
+  """Stable Diffusion 1.5's scheduler_config.json (PNDM, PLMS, leading + offset 1), and the
+  same with PNDMScheduler's own default skip_prk_steps=False (a Runge-Kutta warm-up): with
   no sampler named, ours runs PNDM and matches diffusers running the folder as saved."""
   images, latents = inputs
   ref = save_ip2p(tmp_path)
   ref.scheduler = diffusers.PNDMScheduler(
-      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
-      set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+      skip_prk_steps=skip_prk_steps, set_alpha_to_one=False, steps_offset=1,
+      timestep_spacing="leading")
   ref.save_pretrained(tmp_path)
   ours = InstructPix2PixPipeline.from_pretrained(str(tmp_path))
   assert ours.sampler_and_levels(None, STEPS)[0] == "pndm"

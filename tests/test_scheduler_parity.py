@@ -2,7 +2,8 @@
 "network" (no UNet), so the whole grid is cheap: every timestep spacing ("leading" with
 steps_offset 1, "linspace", "trailing") x step counts 1, 7 (1000 / 7 is no integer) and
 20 x epsilon / v-prediction, plus Karras sigmas where diffusers has them and the
-class-specific options (clip_sample, DDPM's variance, UniPC's order and corrector).
+class-specific options (clip_sample, DDPM's variance, UniPC's order and corrector, PNDM's
+Runge-Kutta warm-up).
 Stochastic samplers run with their fresh noise set to zero on both sides. Max abs
 difference of the final latents (values of order 1) <= 2e-3.
 """
@@ -85,6 +86,12 @@ def _cases():
   yield "pndm", {"beta_schedule": "linear", **SPACINGS[1], **EXTRA["pndm"]}, 20
   yield "pndm", {**SD, **SPACINGS[0], **EXTRA["pndm"], "set_alpha_to_one": True}, 7
   yield "pndm", {**SD, **SPACINGS[0], **EXTRA["pndm"]}, 2
+  # PNDM with its Runge-Kutta warm-up (the class's default, skip_prk_steps false)
+  for spacing in SPACINGS:
+    for steps in (4, 7, 20):
+      for prediction in ("epsilon", "v_prediction"):
+        yield "pndm", {**SD, **spacing, "skip_prk_steps": False, "prediction_type": prediction}, steps
+  yield "pndm", {"beta_schedule": "linear", "skip_prk_steps": False, "set_alpha_to_one": True}, 5
   yield "unipc", {**SD, "solver_order": 3}, 20  # (diffusers gives NaN with order 1)
   # bh1 and lower_order_final=False are finite in diffusers only short of sigma = 0
   yield "unipc", {**SD, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 20
@@ -103,3 +110,12 @@ def test_sampler_matches_diffusers(name, raw, steps, no_noise):
   assert np.isfinite(want).all()
   err = np.abs(got - want).max()
   assert err <= TOL, f"max abs {err:.2e} (diffusers' latents up to {np.abs(want).max():.2f})"
+
+
+def test_pndm_warm_up_needs_four_steps():
+  config = schedules.ScheduleConfig.from_dict(
+      {**SD, "_class_name": "PNDMScheduler", "skip_prk_steps": False}, "pndm")
+  with pytest.raises(ValueError, match="num_inference_steps must be >= 4 for PNDM.*"
+                                       "skip_prk_steps true"):
+    schedules.noise_levels(config, "pndm", 3)
+  assert len(schedules.noise_levels(config, "pndm", 4).plms_timesteps) == 13  # 12 RK + 1

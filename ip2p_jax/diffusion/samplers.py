@@ -187,56 +187,89 @@ _ADAMS_BASHFORTH = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12]
                     4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-def _plms_table(num_calls: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per call k: weights of [this output, the last 3 kept outputs], whether it restarts
-  from call 0's sample, whether its output is kept. Call 1 averages with call 0 and
-  restarts (a Heun-like second step); call k >= 2 is Adams-Bashforth of order min(k, 4)
-  over the kept outputs (call 1's is not kept)."""
-  weights, restart, keep = np.zeros((num_calls, 4)), np.zeros(num_calls, bool), np.ones(
-      num_calls, bool)
-  weights[0, 0] = 1.0
-  if num_calls > 1:
-    weights[1, :2], restart[1], keep[1] = 0.5, True, False
-  for k in range(2, num_calls):
-    ab = _ADAMS_BASHFORTH[min(k, 4)]
-    weights[k, :len(ab)] = ab
-  return weights, restart, keep
+def _pndm_table(num_calls: int, prk_calls: int = 0) -> np.ndarray:
+  """Per model call, diffusers' ``PNDMScheduler`` bookkeeping as numbers (columns of
+  ``_PNDM_COLUMNS``): the weights of [this output, the last 3 kept outputs (newest first),
+  the Runge-Kutta accumulator] in the update; how the accumulator carries over and takes
+  this output; whether the step starts from the stored sample instead of the current one,
+  whether the current sample is stored, whether this output is kept.
+
+  Runge-Kutta calls (the first ``prk_calls``, 4 per step): each steps from the step's start
+  with its own output but the 4th, which uses (k1 + 2 k2 + 2 k3 + k4) / 6; k1 is kept.
+  PLMS: call 1 without a warm-up averages with call 0 and restarts from call 0's sample
+  (not kept); any other call is Adams-Bashforth over the kept outputs, of order
+  min(kept + 1, 4)."""
+  table = np.zeros((num_calls, len(_PNDM_COLUMNS)))
+  col = {name: i for i, name in enumerate(_PNDM_COLUMNS)}
+  kept = 0
+  for c in range(num_calls):
+    row = table[c]
+    row[col["acc_keep"]] = 1.0
+    if c < prk_calls:
+      phase = c % 4
+      if phase == 0:
+        row[col["w_out"]], row[col["acc_keep"]], row[col["acc_add"]] = 1.0, 0.0, 1 / 6
+        row[col["store"]] = row[col["keep"]] = 1
+      elif phase in (1, 2):
+        row[col["w_out"]], row[col["acc_add"]], row[col["from_stored"]] = 1.0, 1 / 3, 1
+      else:
+        row[col["w_out"]], row[col["w_acc"]], row[col["acc_keep"]] = 1 / 6, 1.0, 0.0
+        row[col["from_stored"]] = 1
+    elif c == 1 and prk_calls == 0:
+      row[col["w_out"]] = row[col["w_h0"]] = 0.5
+      row[col["from_stored"]] = 1
+    else:
+      ab = _ADAMS_BASHFORTH[min(kept + 1, 4)]
+      row[col["w_out"]:col["w_out"] + len(ab)] = ab
+      row[col["keep"]] = 1
+      row[col["store"]] = c == 0
+    kept += int(row[col["keep"]])
+  return table
+
+
+_PNDM_COLUMNS = ("w_out", "w_h0", "w_h1", "w_h2", "w_acc", "acc_keep", "acc_add",
+                 "from_stored", "store", "keep")
 
 
 def pndm(denoiser: Denoiser, x: jax.Array, levels: NoiseLevels, keys=None,
          prediction_type: str = "epsilon", on_step=None) -> jax.Array:
-  """Pseudo linear multistep (PLMS; Liu et al. 2022, "Pseudo Numerical Methods for
-  Diffusion Models"), diffusers' ``PNDMScheduler`` with ``skip_prk_steps``: S + 1 network
-  calls (see ``schedules._pndm_levels``), each step the DDIM update (the paper's eq. 9)
-  with a linear combination of the network's outputs. diffusers combines raw outputs (v
-  for v-prediction, converted to epsilon with the step's start), so this does too."""
-  weights, restart, keep = _plms_table(len(levels.plms_timesteps))
-  table = (jnp.arange(len(weights)), jnp.asarray(levels.plms_timesteps),
-           jnp.asarray(levels.plms_sigmas), jnp.asarray(weights, jnp.float32),
-           jnp.asarray(restart), jnp.asarray(keep))
+  """Pseudo numerical methods (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
+  Models"), diffusers' ``PNDMScheduler``: PLMS (``skip_prk_steps``, S + 1 network calls),
+  or with the Runge-Kutta warm-up first (12 calls for the first 3 steps, then S - 3); see
+  ``schedules._pndm_levels``. Each call is the DDIM update (the paper's eq. 9) with a
+  linear combination of the network's outputs. diffusers combines raw outputs (v for
+  v-prediction, converted to epsilon with the step's start), so this does too."""
+  table = _pndm_table(len(levels.plms_timesteps), levels.prk_calls)
+  steps = (jnp.arange(len(table)), jnp.asarray(levels.plms_timesteps),
+           jnp.asarray(levels.plms_sigmas), jnp.asarray(table, jnp.float32))
 
   def step(carry, s):
-    z, start, history = carry  # VP latent, call 0's latent, kept outputs (newest first)
-    k, t, (sigma, sigma_from, sigma_to), w, from_start, kept = s
+    # VP latent, the stored sample, kept outputs (newest first), Runge-Kutta accumulator
+    z, stored, history, acc = carry
+    k, t, (sigma, sigma_from, sigma_to), row = s
+    w_out, w_h, w_acc, acc_keep, acc_add, from_stored, store, keep = (
+        row[0], row[1:4], row[4], row[5], row[6], row[7] > 0, row[8] > 0, row[9] > 0)
     x_ve = z * jnp.sqrt(1 + sigma ** 2)
     denoised = denoiser(x_ve, sigma, t)
     eps = to_d(x_ve, sigma, denoised)
     raw = eps if prediction_type == "epsilon" else _vp(eps - sigma * denoised, sigma)
-    combined = w[0] * raw + jnp.tensordot(w[1:].astype(z.dtype), history, axes=1)
-    source = jnp.where(from_start, start, z)
+    combined = (w_out * raw + jnp.tensordot(w_h.astype(z.dtype), history, axes=1)
+                + w_acc * acc)
+    stored = jnp.where(store, z, stored)
+    source = jnp.where(from_stored, stored, z)
     if prediction_type == "v_prediction":  # v -> epsilon at the step's start
       combined = _vp(combined + sigma_from * source, sigma_from)
     # The DDIM step from level sigma_from to sigma_to, in VP latents.
     z_next = _vp(source * jnp.sqrt(1 + sigma_from ** 2) + (sigma_to - sigma_from) * combined,
                  sigma_to)
-    start = jnp.where(k == 0, z, start)
-    history = jnp.where(kept, jnp.concatenate([raw[None], history[:-1]]), history)
+    history = jnp.where(keep, jnp.concatenate([raw[None], history[:-1]]), history)
+    acc = acc_keep * acc + acc_add * raw
     _report(on_step, k, t, z_next)
-    return (z_next, start, history), None
+    return (z_next, stored, history, acc), None
 
   z = _vp(x, levels.sigmas[0])
-  init = (z, z, jnp.zeros((3,) + x.shape, x.dtype))
-  z = jax.lax.scan(step, init, table)[0][0]
+  init = (z, z, jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(z))
+  z = jax.lax.scan(step, init, steps)[0][0]
   return z * jnp.sqrt(1 + levels.sigmas[-1] ** 2)
 
 

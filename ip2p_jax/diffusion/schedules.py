@@ -109,7 +109,7 @@ class ScheduleConfig:
   solver_type: str = "midpoint"  # DPM-Solver++: "midpoint"; UniPC: "bh1" or "bh2"
   predict_x0: bool = True  # UniPC
   disable_corrector: tuple[int, ...] = ()  # UniPC: steps whose corrector is skipped
-  skip_prk_steps: bool = False  # PNDM: True = PLMS (the only mode implemented)
+  skip_prk_steps: bool = False  # PNDM: True = PLMS only; False = a Runge-Kutta warm-up first
   variance_type: str = "fixed_small"  # DDPM: or "fixed_small_log", "fixed_large"
 
   UNSUPPORTED = {
@@ -132,7 +132,7 @@ class ScheduleConfig:
       "dpmpp_2m_sde": {"algorithm_type": ("sde-dpmsolver++",), "solver_order": (2,),
                        "solver_type": ("midpoint",)},
       "unipc": {"solver_order": (2, 3), "solver_type": ("bh1", "bh2"), "predict_x0": (True,)},
-      "pndm": {"skip_prk_steps": (True,), "prediction_type": ("epsilon", "v_prediction")},
+      "pndm": {"prediction_type": ("epsilon", "v_prediction")},
       "ddpm": {"variance_type": ("fixed_small", "fixed_small_log", "fixed_large")},
   }
 
@@ -163,10 +163,8 @@ class ScheduleConfig:
     checks += list(cls.ALLOWED.get(sampler, {}).items())
     for key, allowed in checks:
       if getattr(config, key) not in allowed:
-        hint = (" (PNDM's Runge-Kutta warm-up is not implemented; set skip_prk_steps true "
-                "for PLMS, as Stable Diffusion's folders do)" if key == "skip_prk_steps" else "")
         raise ConfigError(f"scheduler: config key {key!r} = {getattr(config, key)!r} is not "
-                          f"supported by {sampler}; choose one of {list(allowed)}{hint}")
+                          f"supported by {sampler}; choose one of {list(allowed)}")
     return config
 
 
@@ -246,10 +244,12 @@ class NoiseLevels:
   init_noise_sigma: float
   final_scale: float
   final_first_order: bool = True  # DPM-Solver++: first-order last step
-  # PNDM (PLMS) makes S + 1 model calls; call k evaluates at timestep plms_timesteps[k] and
-  # sigma plms_sigmas[k, 0], and steps from level plms_sigmas[k, 1] to plms_sigmas[k, 2].
+  # PNDM's model calls (PLMS: S + 1; with the Runge-Kutta warm-up: its prk_calls first, then
+  # S - 3 PLMS calls): call k evaluates at timestep plms_timesteps[k] and sigma
+  # plms_sigmas[k, 0], and steps from level plms_sigmas[k, 1] to plms_sigmas[k, 2].
   plms_timesteps: np.ndarray | None = None
   plms_sigmas: np.ndarray | None = None
+  prk_calls: int = 0
 
   @property
   def num_steps(self) -> int:
@@ -348,20 +348,40 @@ def noise_levels(config: ScheduleConfig, sampler: str, num_steps: int) -> NoiseL
 
 def _pndm_levels(config: ScheduleConfig, num_steps: int, ac: np.ndarray,
                  all_sigmas: np.ndarray) -> NoiseLevels:
-  """PLMS as diffusers' ``PNDMScheduler(skip_prk_steps=True)`` runs it: integer timesteps
-  t_0 > ... > t_{S-1}, model calls at t_0, t_1, t_1, t_2, ..., t_{S-1}. Call 0 steps from t_0
-  to t_0 - T/S; call 1 redoes that step from the same start with the mean of both
-  predictions, stepping from t_1 + T/S to t_1 (= t_0 -> t_1 for "leading" spacing); call
-  k >= 2 steps from t_{k-1} to t_{k-1} - T/S. A level below 0 is the final alphabar."""
+  """PNDM as diffusers' ``PNDMScheduler`` runs it, on integer timesteps t_0 > ... > t_{S-1}.
+
+  PLMS (``skip_prk_steps``, Stable Diffusion's folders): model calls at t_0, t_1, t_1, t_2,
+  ..., t_{S-1}. Call 0 steps from t_0 to t_0 - T/S; call 1 redoes that step from the same
+  start with the mean of both predictions, stepping from t_1 + T/S to t_1 (= t_0 -> t_1 for
+  "leading" spacing); call k >= 2 steps from t_{k-1} to t_{k-1} - T/S.
+
+  With the Runge-Kutta warm-up (the class's default): first 12 calls, classic RK4 over the
+  3 steps from t_0 (4 calls each: at the step's start, twice at its midpoint - T/2S, at its
+  end, each stepping from the start), then PLMS calls at t_3, ..., t_{S-1}, each from t_k
+  to t_k - T/S. A level below 0 is the final alphabar."""
   t = _spaced(config, num_steps, integer=True)
   ratio = config.num_train_timesteps // num_steps
   final_ac = 1.0 if config.set_alpha_to_one else float(ac[0])
   level = lambda step: (np.sqrt((1 - ac[step]) / ac[step]) if step >= 0
                         else np.sqrt((1 - final_ac) / final_ac))
-  calls = [(t[0], t[0], t[0] - ratio)]
-  if num_steps > 1:
-    calls.append((t[1], t[1] + ratio, t[1]))
-    calls += [(t[k - 1], t[k - 1], t[k - 1] - ratio) for k in range(2, num_steps + 1)]
+  prk_calls = 0
+  if not config.skip_prk_steps:
+    if num_steps < 4:
+      raise ValueError(
+          f"num_inference_steps must be >= 4 for PNDM with its Runge-Kutta warm-up "
+          f"(scheduler_config skip_prk_steps false), got {num_steps}; diffusers fails there "
+          "too. Set skip_prk_steps true for PLMS, as Stable Diffusion's folders do")
+    ascending = t[::-1]  # diffusers' set_timesteps, verbatim
+    prk = np.array(ascending[-4:]).repeat(2) + np.tile(np.array([0, ratio // 2]), 4)
+    prk = prk[:-1].repeat(2)[1:-1][::-1]
+    calls = [(m, prk[c // 4 * 4], m - (0 if c % 2 else ratio // 2)) for c, m in enumerate(prk)]
+    calls += [(s, s, s - ratio) for s in ascending[:-3][::-1]]
+    prk_calls = len(prk)
+  else:
+    calls = [(t[0], t[0], t[0] - ratio)]
+    if num_steps > 1:
+      calls.append((t[1], t[1] + ratio, t[1]))
+      calls += [(t[k - 1], t[k - 1], t[k - 1] - ratio) for k in range(2, num_steps + 1)]
   plms_sigmas = np.array([[level(m), level(f), level(p)] for m, f, p in calls], np.float32)
   sigmas_next = np.array([level(s - ratio) for s in t], np.float32)
   sigmas = np.concatenate([all_sigmas[t], plms_sigmas[-1:, 2]]).astype(np.float32)
@@ -369,4 +389,4 @@ def _pndm_levels(config: ScheduleConfig, num_steps: int, ac: np.ndarray,
                      init_noise_sigma=float(np.sqrt(1 + float(sigmas[0]) ** 2)),
                      final_scale=float(1 / np.sqrt(1 + float(sigmas[-1]) ** 2)),
                      plms_timesteps=np.array([m for m, _, _ in calls], np.float32),
-                     plms_sigmas=plms_sigmas)
+                     plms_sigmas=plms_sigmas, prk_calls=prk_calls)
