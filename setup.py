@@ -39,11 +39,14 @@ setup(
     ],
     extras_require={
         # torch is the PyTorch reference our numbers are checked against (tests only).
-        "test": ["pytest", "torch==2.13.0", "peft"],  # peft: diffusers' LoRA loading (tests)
+        # peft: diffusers' LoRA loading; selenium: the browser test of ip2p demo.
+        "test": ["pytest", "torch==2.13.0", "peft", "selenium"],
         # gs:// workdirs: etils.epath reads/writes through gcsfs; orbax asks GCS about buckets.
         "gcs": ["gcsfs", "google-cloud-storage"],
         # ip2p synth --generator lm:DIR: a transformers causal LM writes the instructions.
         "lm": ["torch", "transformers>=5.0"],
+        # ip2p demo: the interactive editing page.
+        "demo": ["gradio>=6,<7"],
     },
     entry_points={"console_scripts": ["ip2p = ip2p_jax.cli:main"]},
 )

@@ -6,6 +6,7 @@
   ip2p eval [--model DIR] [--sweep]              score held-out shapes-world edits
   ip2p customize --data DIR --method M --out F   train a LoRA / Custom Diffusion adapter
   ip2p synth --captions FILE --out DIR          make training pairs from captions
+  ip2p demo [--model DIR] [--port 7860]         a web page for editing step by step
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import sys
 def build_parser():
   """The whole ``ip2p`` argument parser (no JAX imported)."""
   from ip2p_jax import __version__
-  from ip2p_jax.cli import common, customize, data, edit, eval, info, synth
+  from ip2p_jax.cli import common, customize, data, demo, edit, eval, info, synth
   parser = common.Parser(
       prog="ip2p", description="InstructPix2Pix in JAX: edit images by instructions. "
       "--debug (anywhere) shows a traceback instead of the one-line error.")
   parser.add_argument("--version", action="version", version=f"ip2p {__version__}")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (edit, data, info, eval, synth, customize):
+  for module in (edit, data, info, eval, synth, customize, demo):
     module.add_parser(sub)
   return parser
 
