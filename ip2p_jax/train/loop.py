@@ -17,6 +17,7 @@ checkpoint (the one about to be written is not written).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ from ip2p_jax.train.step import make_step
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v6 lite": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 BATCH_AXES = ("dcn", "data", "fsdp")
+_BARRIERS = itertools.count()
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -202,6 +204,7 @@ def train_and_evaluate(config, workdir) -> dict:
                      out_shardings=state_shardings)(jax.random.key(config.seed))
 
     checkpoints = workdir / "checkpoints"
+    _align("checkpoint manager")  # its creation is the run's first collective
     manager = ocp.CheckpointManager(
         checkpoints, options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True, create=True))
@@ -259,6 +262,7 @@ def train_and_evaluate(config, workdir) -> dict:
                  for k, v in local.items() if k != "corrupt_skipped"}
         if compiled is None:
           compiled = step_fn.lower(state, frozen, batch).compile()
+          _align("step compiled")
           analysis = compiled.cost_analysis()
           analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
           flops = (analysis or {}).get("flops")
@@ -316,6 +320,15 @@ def train_and_evaluate(config, workdir) -> dict:
           "export": export, "state": state}
 
 
+def _align(name: str, minutes: float = 30.0) -> None:
+  """Several processes: waits, up to ``minutes``, until all reach this point, on JAX's
+  coordination service. Hosts can arrive at a first collective minutes apart (a compile,
+  a busy machine), while a CPU collective (gloo) gives its peers 30 s to join."""
+  if jax.process_count() > 1:  # a key is used once: every process counts its barriers
+    ocp.multihost.get_barrier_sync_fn()(key=f"ip2p_jax/{name}/{next(_BARRIERS)}",
+                                         timeout_ms=int(minutes * 60_000))
+
+
 def _report_unshardable(boxed, mesh, rules) -> list[str]:
   """Lists once, at start-up, every parameter that cannot be sharded as its rules ask
   (replicated along that dimension instead)."""
@@ -368,6 +381,7 @@ class _Samples:
     fn = jobs.sampler(self.job, self.config.sample_steps)
     self.compiled = jax.jit(fn, in_shardings=(*self.shardings, replicated),
                             out_shardings=replicated).lower(params, frozen, self.inputs).compile()
+    _align("sampler compiled")
 
   def write(self, params, frozen, step: int, workdir) -> None:
     if self.job.stage == "clip" or not self.config.num_samples:
