@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ip2p_jax.cli.edit import _adapter
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
                                  HelpFormatter, check_sampler, enable_compilation_cache, fail,
                                  resolve_model)
@@ -22,7 +23,18 @@ EXAMPLES = """examples:
   ip2p eval --model runs/ip2p/export --num 50 --steps 20 --out eval/
   ip2p eval --data data/ --split heldout      # a dataset built by `ip2p data shapes`
   ip2p eval --sweep --num 50 --clip my-clip/  # + CLIP direction vs image similarity
+  ip2p eval --edit-types sepia --num 50 --adapter sepia.safetensors   # an adapter's concept
 """
+
+
+def _edit_types(text: str) -> tuple[str, ...]:
+  from ip2p_jax.data import shapes
+  names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+  bad = [t for t in names if t not in shapes.ALL_EDIT_TYPES]
+  if bad or not names:
+    raise argparse.ArgumentTypeError(f"{text!r}: edit types from "
+                                     f"{', '.join(shapes.ALL_EDIT_TYPES)}")
+  return names
 
 
 def add_parser(sub) -> None:
@@ -37,6 +49,12 @@ def add_parser(sub) -> None:
   p.add_argument("--num", type=int, default=200, help="examples")
   p.add_argument("--data-seed", type=int, default=0,
                  help="seed of the regenerated held-out split")
+  p.add_argument("--edit-types", type=_edit_types, default=None, metavar="A,B",
+                 help="regenerate only these edit types (default: the shapes world's mix; "
+                      "'sepia' is outside it, for the customization example)")
+  p.add_argument("--adapter", type=_adapter, action="append", default=[],
+                 metavar="PATH[:SCALE]", help="apply a LoRA or Custom Diffusion adapter "
+                 "(ip2p customize) at SCALE (default 1) before editing; repeatable")
   p.add_argument("--resolution", type=int, default=None,
                  help="size of the regenerated examples (default: the model's native size)")
   p.add_argument("--out", default="ip2p_eval", help="output folder")
@@ -87,6 +105,9 @@ def _clip(args):
 
 def _examples(args, native: int, factor: int):
   from ip2p_jax.metrics import dataset_examples, heldout_examples
+  if args.data and args.edit_types:
+    raise CommandError("--edit-types selects among regenerated examples; a --data set "
+                       "holds its own")
   if args.data:
     try:
       examples, unmatched = dataset_examples(args.data, args.split, args.num)
@@ -98,9 +119,14 @@ def _examples(args, native: int, factor: int):
     source = {"data": os.path.abspath(args.data), "split": args.split}
   else:
     size = args.resolution or native
-    examples = heldout_examples(args.num, size, args.data_seed)
+    if args.edit_types:
+      examples = heldout_examples(args.num, size, args.data_seed, edit_types=args.edit_types)
+    else:
+      examples = heldout_examples(args.num, size, args.data_seed)
     source = {"data": "regenerated", "split": "heldout", "data_seed": args.data_seed,
               "size": size}
+    if args.edit_types:
+      source["edit_types"] = list(args.edit_types)
   if not examples:
     raise CommandError(f"no examples in {args.data} ({args.split})")
   size = examples[0].input_image.shape[0]
@@ -132,6 +158,12 @@ def run(args) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype, param_dtype=dtype,
                                                    compilation_cache=False)
+    adapters = []
+    for path, scale in args.adapter:
+      if not os.path.isfile(path):
+        raise CommandError(f"--adapter {path}: no such file")
+      pipe.load_adapter(path, scale)
+      adapters.append({"path": os.path.abspath(path), "scale": scale})
     clip, clip_folder = _clip(args)
     native = (pipe.unet.config.sample_size or 64) * pipe.vae_scale_factor
     examples, source = _examples(args, native, pipe.vae_scale_factor)
@@ -149,6 +181,9 @@ def run(args) -> int:
   result = run_at(args.text_scale, args.image_scale, "evaluating")
   outputs = result.pop("outputs")
   result.update(model=os.path.abspath(model), clip=clip_folder, **source)
+  if adapters:
+    from ip2p_jax.adapters.files import file_hash
+    result["adapters"] = [dict(a, sha256=file_hash(a["path"])) for a in adapters]
   result["vae_psnr"] = vae_psnr(pipe, np.stack([e.input_image for e in examples]))
   os.makedirs(args.out, exist_ok=True)
   rows = reports.sheet_rows([e.edit_type for e in examples], args.sheet_rows)

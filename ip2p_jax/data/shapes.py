@@ -22,6 +22,11 @@ Edits (each with several paraphrased templates, see ``TEMPLATES``)
   move         "move the square to the left", ...
   resize       "make the circle bigger", ...
   grayscale, invert, darken ("make it night"), flip (horizontal)
+Edits outside the default mix (``EXTRA_EDITS``: made only when asked for by name,
+``generate(..., edit_types=("sepia",))``, ``ip2p eval --edit-types sepia``)
+  sepia        "make it sepia", ... (the classic sepia matrix, ``SEPIA``): the concept
+               the customization example teaches the bundled editor
+               (examples/customize_sepia.py)
 An instruction names its object by shape alone when that is unique in the scene,
 otherwise by colour and shape (scenes never hold two objects of one colour+shape).
 
@@ -56,7 +61,13 @@ PLACES = {
 BACKGROUND_STYLES = ("plain", "gradient", "texture")
 LOCAL_EDITS = ("recolor", "reshape", "remove", "add", "move", "resize")
 GLOBAL_EDITS = ("background", "grayscale", "invert", "darken", "flip")
-EDIT_TYPES = LOCAL_EDITS + GLOBAL_EDITS
+EDIT_TYPES = LOCAL_EDITS + GLOBAL_EDITS  # the default mix
+EXTRA_EDITS = ("sepia",)                 # whole-image edits made only when named
+ALL_EDIT_TYPES = EDIT_TYPES + EXTRA_EDITS
+WHOLE_IMAGE_EDITS = GLOBAL_EDITS + EXTRA_EDITS
+# Sepia tone (the matrix of Microsoft's "sepia" filter, widely reused): RGB rows of the
+# output as weights of the input's R, G, B; the result is rounded and clipped to 0-255.
+SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 
 HELD_OUT_PAIRS = frozenset({("purple", "star"), ("orange", "square"), ("cyan", "triangle")})
 HELD_OUT_EDITS = frozenset({("resize", "diamond"), ("move", "star"), ("reshape", "circle")})
@@ -84,6 +95,8 @@ TEMPLATES = {
     "darken": ("make it night", "darken the image", "make it darker", "turn it into night time"),
     "flip": ("flip it horizontally", "mirror the image", "flip the picture left to right",
              "make a mirror image"),
+    "sepia": ("make it sepia", "give it a sepia tone", "turn it into a sepia photo",
+              "apply a sepia filter"),
 }
 
 
@@ -222,13 +235,16 @@ def _apply_effect(img: np.ndarray, effect: str) -> np.ndarray:
         0, 255).astype(np.uint8)
   if effect == "flip":
     return img[:, ::-1].copy()
+  if effect == "sepia":
+    toned = img.astype(np.float32) @ np.array(SEPIA, np.float32).T
+    return np.clip(np.round(toned), 0, 255).astype(np.uint8)
   raise ValueError(f"unknown effect {effect!r}")
 
 
 # -- captions ------------------------------------------------------------------------
 
 _EFFECT_CAPTIONS = {"grayscale": "in black and white", "invert": "with inverted colors",
-                    "darken": "at night", "flip": "mirrored"}
+                    "darken": "at night", "flip": "mirrored", "sepia": "in sepia"}
 
 
 def caption(scene: Scene) -> str:
@@ -386,7 +402,7 @@ def edit_mask(before: np.ndarray, after: np.ndarray, edit_type: str,
               before_scene: Scene, after_scene: Scene) -> np.ndarray:
   """Pixels a local edit may change: the union of the changed objects' masks."""
   size = before.shape[0]
-  if edit_type in GLOBAL_EDITS:
+  if edit_type in WHOLE_IMAGE_EDITS:
     return np.ones((size, size), bool)
   mask = np.zeros((size, size), bool)
   old, new = set(before_scene.objects), set(after_scene.objects)
@@ -397,9 +413,13 @@ def edit_mask(before: np.ndarray, after: np.ndarray, edit_type: str,
 
 def generate(seed: int, index: int, size: int = 64, split: str = "train",
              edit_types: Sequence[str] = EDIT_TYPES) -> Example:
-  """Example ``index`` of ``split``: deterministic in (seed, split, index)."""
+  """Example ``index`` of ``split``: deterministic in (seed, split, index, edit_types)."""
   if split not in ("train", "heldout"):
     raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+  unknown = [t for t in edit_types if t not in ALL_EDIT_TYPES]
+  if unknown or not edit_types:
+    raise ValueError(f"edit types {unknown or list(edit_types)}: choose from "
+                     f"{', '.join(ALL_EDIT_TYPES)}")
   rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
   while True:
     scene = random_scene(rng)

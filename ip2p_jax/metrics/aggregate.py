@@ -31,17 +31,20 @@ def _group(scores: Sequence[dict]) -> dict:
 def summarize(scores: Sequence[dict]) -> dict:
   """Aggregates :func:`score_edit` dicts (optionally carrying CLIP ``sim_*`` keys).
 
-  Returns ``{"overall": G, "per_edit_type": {type: G for every shapes.EDIT_TYPES},
+  Returns ``{"overall": G, "per_edit_type": {type: G for every shapes.EDIT_TYPES, then
+  each type outside that default mix that ``scores`` hold (sepia)},
   "held_out": G, "held_out_edit": G}`` where a group ``G`` is ``{"n", "n_scored"
   (examples with a success verdict), "success" (rate), "psnr", "psnr_outside"
   (means, None where undefined), and the CLIP similarity means when present}``. ``held_out``: examples holding a held-out
   colour/shape pair or (edit, shape) combination anywhere; ``held_out_edit``:
   those where the edit itself involves one.
   """
+  present = {s["edit_type"] for s in scores}
+  types = list(shapes.EDIT_TYPES) + [t for t in shapes.EXTRA_EDITS if t in present]
   return {
       "overall": _group(scores),
       "per_edit_type": {t: _group([s for s in scores if s["edit_type"] == t])
-                        for t in shapes.EDIT_TYPES},
+                        for t in types},
       "held_out": _group([s for s in scores if s["held_out"]]),
       "held_out_edit": _group([s for s in scores if s["held_out_edit"]]),
   }

@@ -23,10 +23,11 @@ from ip2p_jax.data import shapes
 _CONFIG_NAME = re.compile(r"^s(\d+)_n(\d+)_h(\d+)_seed(\d+)$")
 
 
-def heldout_examples(num: int, size: int, seed: int = 0,
-                     split: str = "heldout") -> list[shapes.Example]:
-  """Examples ``0..num-1`` of ``split``, regenerated (deterministic in ``seed``)."""
-  return [shapes.generate(seed, i, size, split) for i in range(num)]
+def heldout_examples(num: int, size: int, seed: int = 0, split: str = "heldout",
+                     edit_types=shapes.EDIT_TYPES) -> list[shapes.Example]:
+  """Examples ``0..num-1`` of ``split``, regenerated (deterministic in ``seed`` and
+  ``edit_types``; the default is the shapes world's default mix)."""
+  return [shapes.generate(seed, i, size, split, edit_types) for i in range(num)]
 
 
 def _key(instruction: str, input_image: np.ndarray, edited_image: np.ndarray) -> tuple:

@@ -74,7 +74,7 @@ def markdown(report: dict) -> str:
       "Success is judged from the shapes world's exact scene graphs "
       "(ip2p_jax/metrics/shapes_scoring.py); PSNR is against the exact target, PSNR "
       "outside against the input where the edit must not change pixels (none for "
-      "grayscale/invert/darken/flip)."]
+      "grayscale/invert/darken/flip/sepia)."]
   if has_clip:
     notes.append("CLIP metrics as in Brooks et al. 2023 (input/edited captions as texts).")
   return "\n".join(lines + notes) + "\n"
@@ -87,7 +87,7 @@ def sheet_rows(edit_types: Sequence[str], num: int) -> list[int]:
   by_type: dict[str, list[int]] = {}
   for i, t in enumerate(edit_types):
     by_type.setdefault(t, []).append(i)
-  queues = [by_type[t] for t in shapes.EDIT_TYPES if t in by_type]
+  queues = [by_type[t] for t in shapes.ALL_EDIT_TYPES if t in by_type]
   picked = []
   while len(picked) < num and any(queues):
     for q in queues:

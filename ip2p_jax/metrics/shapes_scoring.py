@@ -18,10 +18,11 @@ from a learned judge, and returning the input unchanged fails every rule:
   background  the background's mean colour is nearest the target colour's, among the
               backgrounds rendered in the scene's style (gradient, texture) in every
               palette colour
-  grayscale, invert, darken, flip
+  grayscale, invert, darken, flip (and sepia, outside the default mix)
               the output is nearest (MSE) the target among the input and the input
-              with each of these four effects, and its PSNR vs the target exceeds
-              its PSNR vs the input by ``GLOBAL_MARGIN_DB``
+              with each of the four default effects (and the asked one, when it is
+              another), and its PSNR vs the target exceeds its PSNR vs the input by
+              ``GLOBAL_MARGIN_DB``
 
 "Region" means the pixels an object covers fully, eroded by ``erosion(size)``
 pixels, so anti-aliased edges and a decoder's blur do not decide the colour.
@@ -137,7 +138,7 @@ def change(example: shapes.Example) -> Change:
 
 def edit_target(example: shapes.Example) -> str | None:
   """The shape ``data.shapes`` files the edit under (``HELD_OUT_EDITS``' second item)."""
-  if example.edit_type in shapes.GLOBAL_EDITS:
+  if example.edit_type in shapes.WHOLE_IMAGE_EDITS:
     return None
   c = change(example)
   return (c.old or c.new).shape
@@ -153,7 +154,7 @@ def held_out(example: shapes.Example) -> bool:
 def held_out_edit(example: shapes.Example) -> bool:
   """The *edited* object is a held-out pair (before or after) or the (edit, shape)
   combination is held out: the edit itself must generalise."""
-  if example.edit_type in shapes.GLOBAL_EDITS:
+  if example.edit_type in shapes.WHOLE_IMAGE_EDITS:
     return False
   c = change(example)
   pairs = {(o.color, o.shape) for o in (c.old, c.new) if o is not None}
@@ -253,9 +254,12 @@ _EFFECTS = ("grayscale", "invert", "darken", "flip")
 
 def _global(out, example, c, size):
   """Which global edit did the output do? Nearest (MSE) among the input and each
-  effect applied to it must be the asked one, and beat the input by the margin."""
+  effect applied to it must be the asked one, and beat the input by the margin. The
+  effects: the default mix's four, plus the asked one if it is another (sepia), so
+  the default mix's verdicts do not depend on the extra edit types."""
   candidates = {"unedited": example.input_image}
-  for effect in _EFFECTS:
+  effects = _EFFECTS + (() if example.edit_type in _EFFECTS else (example.edit_type,))
+  for effect in effects:
     scene = dataclasses.replace(example.input_scene,
                                 effects=example.input_scene.effects + (effect,))
     candidates[effect] = example.edited_image if effect == example.edit_type else \
@@ -277,6 +281,7 @@ RULES = {
     "recolor": _recolor, "add": _add, "remove": _remove, "move": _move,
     "resize": _segment_by_shape, "reshape": _segment_by_shape, "background": _background,
     "grayscale": _global, "invert": _global, "darken": _global, "flip": _global,
+    "sepia": _global,
 }
 
 
@@ -300,7 +305,7 @@ def score_edit(example: shapes.Example, output: np.ndarray) -> dict:
   Returns a JSON-ready dict: ``edit_type``; ``success`` (bool, the rule of the
   module docstring); ``psnr`` (dB vs the exact target, whole image);
   ``psnr_outside`` (dB vs the input where the edit must not change pixels, None
-  for grayscale/invert/darken/flip); ``held_out`` / ``held_out_edit`` (see
+  for grayscale/invert/darken/flip/sepia); ``held_out`` / ``held_out_edit`` (see
   :func:`held_out`, :func:`held_out_edit`); ``detail`` (the rule's numbers).
   """
   output = np.asarray(output)
