@@ -66,3 +66,23 @@ def test_latent_cache_matches_the_encoders(tmp_path):
                                     shard_index=0, shard_count=1)
   batch = next(iter(loader))
   assert batch["image_latent"].shape == (2, 8, 8, 4)
+
+
+def test_a_source_with_nothing_to_import_is_one_line_and_leaves_nothing(tmp_path):
+  """An ``ip2p synth`` output that kept no pair (an empty seeds.json), then one whose only
+  example is unreadable: one error line saying so, and --out left empty for the rerun."""
+  root, out = tmp_path / "synth", tmp_path / "o"
+  root.mkdir()
+  (root / "seeds.json").write_text("[]")
+  r = ip2p("data", "import", "--format", "ip2p-folder", str(root), "--out", str(out))
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2 and last.startswith("ip2p: error:"), r.stderr[-2000:]
+  assert "nothing to import" in last and "empty seeds.json" in last
+  assert not os.path.exists(out) or os.listdir(out) == []
+  (root / "a").mkdir()
+  (root / "a" / "prompt.json").write_text(json.dumps({"edit": "x", "input": "a", "output": "b"}))
+  (root / "seeds.json").write_text(json.dumps([["a", [3]]]))  # its images are missing
+  r = ip2p("data", "import", "--format", "ip2p-folder", str(root), "--out", str(out))
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2 and "nothing to import" in last and "skipped" in last, last
+  assert os.listdir(out) == []

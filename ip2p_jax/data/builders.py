@@ -318,7 +318,16 @@ def build(kind: str, out_dir: str, config: tfds.core.BuilderConfig) -> tuple[str
     _parquet_files(config.source, HF_COLUMNS if kind == "instructpix2pix"  # before any writing
                    else (config.image_column, config.text_column))
   builder = BUILDERS[kind](data_dir=out_dir, config=config, file_format="array_record")
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except AssertionError as e:  # TFDS: a split with no examples
+    if "No examples were yielded" not in str(e):
+      raise
+    counts = {k: v for k, v in dict(getattr(builder, "report", {})).items() if v}
+    why = (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) if counts else
+           "it lists none (an ip2p synth run that kept no pair writes an empty seeds.json)")
+    raise EmptySourceError(f"{getattr(config, 'source', '') or out_dir}: nothing to import, "
+                           f"no example was readable ({why})") from None
   report = dict(getattr(builder, "report", {}))  # empty when the dataset already existed
   if report and kind != "shapes_world":  # generated data has nothing to skip
     report["skipped"] = list(getattr(builder, "skipped", []))
@@ -334,6 +343,10 @@ def build(kind: str, out_dir: str, config: tfds.core.BuilderConfig) -> tuple[str
 
 
 IMPORT_RECORD = "import.json"
+
+
+class EmptySourceError(ValueError):
+  """A source with no example to import (nothing is left in the output folder)."""
 
 
 def import_source(kind: str, out_dir: str, config: SourceConfig, *,
@@ -359,7 +372,13 @@ def import_source(kind: str, out_dir: str, config: SourceConfig, *,
                        "replace it, or choose another --out")
     _remove_import(out_dir, entries)
   built_before = same and bool(entries)
-  path, report = build(kind, out_dir, config)
+  try:
+    path, report = build(kind, out_dir, config)
+  except EmptySourceError:
+    if not entries and os.path.isdir(out_dir):  # what this build began: a rerun starts clean
+      for name in os.listdir(out_dir):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    raise
   with atomic_write(record_file, "w", encoding="utf-8") as f:
     json.dump(wanted, f, indent=2)
   return path, report, not built_before
