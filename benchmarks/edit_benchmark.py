@@ -17,6 +17,30 @@ import numpy as np
 from common import SIZES, best_of, diffusers_ip2p, machine
 
 
+def setup(size: str):
+  """A random diffusers pipeline and ours on the same weights."""
+  from ip2p_jax import InstructPix2PixPipeline
+  ref = diffusers_ip2p(size)
+  folder = tempfile.mkdtemp()
+  ref.save_pretrained(folder)
+  return ref, InstructPix2PixPipeline.from_pretrained(folder)
+
+
+def random_images(resolution: int, batch: int) -> list:
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  return [Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+          for _ in range(batch)]
+
+
+def our_edit(pipe, resolution: int, batch: int, steps: int):
+  """``run()``: one edit of ``batch`` random images (Euler ancestral, two-scale guidance)."""
+  images = random_images(resolution, batch)
+  prompts = ["make it look like winter"] * batch
+  return lambda: pipe(prompts, images, num_inference_steps=steps, output_type="np",
+                      progress_bar=False)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -28,33 +52,25 @@ def main():
   args = p.parse_args()
 
   import torch
-  from PIL import Image
-
-  from ip2p_jax import InstructPix2PixPipeline
   if args.threads:
     torch.set_num_threads(args.threads)
-  ref = diffusers_ip2p(args.size)
-  folder = tempfile.mkdtemp()
-  ref.save_pretrained(folder)
-  ours = InstructPix2PixPipeline.from_pretrained(folder)
-  rng = np.random.default_rng(0)
+  ref, ours = setup(args.size)
+  ref.set_progress_bar_config(disable=True)
   print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
   print(f"size={args.size} resolution={args.resolution} steps={args.steps} sampler=euler_ancestral")
   print("batch | ours warm s | diffusers warm s | ratio ours/diffusers | ours compile s")
   for b in args.batch:
-    images = [Image.fromarray(rng.integers(0, 256, (args.resolution, args.resolution, 3),
-                                           dtype=np.uint8)) for _ in range(b)]
-    prompts = ["make it look like winter"] * b
-    run_ours = lambda: ours(prompts, images, num_inference_steps=args.steps, output_type="np")
+    run_ours = our_edit(ours, args.resolution, b, args.steps)
     t = time.perf_counter()
     run_ours()
     first = time.perf_counter() - t
     warm = best_of(run_ours, args.repeats)
+    images = random_images(args.resolution, b)
 
     def run_ref():
       with torch.no_grad():
-        ref(prompts, image=images, num_inference_steps=args.steps, output_type="np")
-    ref.set_progress_bar_config(disable=True)
+        ref(["make it look like winter"] * b, image=images, num_inference_steps=args.steps,
+            output_type="np")
     run_ref()
     theirs = best_of(run_ref, args.repeats)
     print(f"{b:5d} | {warm:11.3f} | {theirs:16.3f} | {warm / theirs:20.2f} | {first - warm:14.1f}")

@@ -49,35 +49,26 @@ def torch_step_fn(pipe, batch, lr=1e-4):
   return step
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--size", choices=sorted(SIZES), default="small")
-  p.add_argument("--resolution", type=int, default=64)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=5)
-  args = p.parse_args()
+def random_batch(tokenizer, resolution: int, batch: int) -> dict:
+  from ip2p_jax import tokenizer as tokenizers
+  rng = np.random.default_rng(0)
+  r = resolution
+  return {"input_image": rng.integers(0, 256, (batch, r, r, 3), dtype=np.uint8),
+          "edited_image": rng.integers(0, 256, (batch, r, r, 3), dtype=np.uint8),
+          "input_ids": tokenizers.tokenize(tokenizer, ["make it red"] * batch)}
 
+
+def our_step(parts, batch):
+  """``run()``: one jitted stage-2 step on ``batch``, waited for."""
   import jax
   import jax.numpy as jnp
-  import torch
+  import ml_collections
 
   from ip2p_jax import tokenizer as tokenizers
-  from ip2p_jax.checkpoints import load_pipeline
   from ip2p_jax.diffusion import schedules
   from ip2p_jax.train import objectives
   from ip2p_jax.train import state as state_lib
   from ip2p_jax.train.step import make_step
-  import ml_collections
-
-  ref = diffusers_ip2p(args.size)
-  folder = tempfile.mkdtemp()
-  ref.save_pretrained(folder)
-  parts = load_pipeline(folder)
-  rng = np.random.default_rng(0)
-  r = args.resolution
-  batch = {"input_image": rng.integers(0, 256, (args.batch, r, r, 3), dtype=np.uint8),
-           "edited_image": rng.integers(0, 256, (args.batch, r, r, 3), dtype=np.uint8),
-           "input_ids": tokenizers.tokenize(parts.tokenizer, ["make it red"] * args.batch)}
 
   config = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=0, lr_schedule="constant", total_steps=1000,
@@ -87,20 +78,45 @@ def main():
                                      parts.modules["text_encoder"], schedule,
                                      tokenizers.tokenize(parts.tokenizer, [""])[0])
   optimizer = state_lib.make_optimizer(config)
-  state = state_lib.create(parts.params["unet"], optimizer, 0)
   frozen = {k: parts.params[k] for k in ("vae", "text_encoder")}
   step = jax.jit(make_step(loss, optimizer, state_lib.learning_rate_schedule(config),
                            ema_decay=0.9999), donate_argnums=(0,))
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  t = time.perf_counter()
-  state, m = step(state, frozen, jbatch)
-  jax.block_until_ready(state)
-  first = time.perf_counter() - t
-  holder = [state]
+  holder = [state_lib.create(parts.params["unet"], optimizer, 0)]
 
-  def run_ours():
+  def run():
     holder[0], metrics = step(holder[0], frozen, jbatch)
     jax.block_until_ready(metrics)
+
+  return run
+
+
+def setup(size: str, resolution: int, batch: int):
+  """The random diffusers pipeline, the same weights loaded by us, and a batch."""
+  from ip2p_jax.checkpoints import load_pipeline
+  ref = diffusers_ip2p(size)
+  folder = tempfile.mkdtemp()
+  ref.save_pretrained(folder)
+  parts = load_pipeline(folder)
+  return ref, parts, random_batch(parts.tokenizer, resolution, batch)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", choices=sorted(SIZES), default="small")
+  p.add_argument("--resolution", type=int, default=64)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args()
+
+  import jax
+  import torch
+
+  ref, parts, batch = setup(args.size, args.resolution, args.batch)
+  run_ours = our_step(parts, batch)
+  t = time.perf_counter()
+  run_ours()
+  first = time.perf_counter() - t
   ours = best_of(run_ours, args.repeats)
 
   torch_step = torch_step_fn(ref, batch)
@@ -108,7 +124,8 @@ def main():
   theirs = best_of(torch_step, args.repeats)
   n_params = sum(x.size for x in jax.tree.leaves(parts.params["unet"]))
   print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
-  print(f"size={args.size} (UNet {n_params:,} params) resolution={r} batch={args.batch}")
+  print(f"size={args.size} (UNet {n_params:,} params) resolution={args.resolution} "
+        f"batch={args.batch}")
   print(f"ours {ours:.3f} s/step (compile+first {first - ours:.1f} s); "
         f"diffusers/PyTorch {theirs:.3f} s/step; ratio ours/theirs = {ours / theirs:.2f}")
 

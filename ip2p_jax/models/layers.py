@@ -5,8 +5,8 @@ converting a PyTorch state dict is one short table (``checkpoints.formats``):
 a PyTorch list entry ``resnets.0`` is the Flax module ``resnets_0``.
 
 All attention in the package goes through :func:`dot_product_attention`, the
-one place that picks the kernel (XLA, cuDNN flash attention on GPU, or a
-chunked form for CPU) and, with ``upcast``, computes the scores in float32.
+one place that picks the kernel (a blocked flash attention on CPU, cuDNN's on
+GPU, XLA's otherwise) and, with ``upcast``, computes the scores in float32.
 Attention projections keep diffusers' names (``to_q``, ``to_k``, ``to_v``,
 ``to_out_0``), so a state dict converts by a short table.
 """
@@ -22,6 +22,10 @@ import jax.numpy as jnp
 from ip2p_jax import sharding as ax
 
 Dtype = Any
+
+# Score bytes per query block of :func:`flash_attention`, measured on a 2-core Xeon
+# (BENCHMARKS.md, attention).
+FLASH_BLOCK_BYTES = 16 * 2 ** 20
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True,
@@ -52,14 +56,45 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1,
 
 
 def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm with two-pass variance (PyTorch's numerics, not E[x^2]-E[x]^2)."""
-  return nn.GroupNorm(
-      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-      use_fast_variance=False,
-      scale_init=ax.partitioned(nn.initializers.ones_init(), (ax.NORM,)),
-      bias_init=ax.partitioned(nn.initializers.zeros_init(), (ax.NORM,)),
-      name=name)
+               param_dtype: Dtype = jnp.float32, name: str | None = None) -> "GroupNorm":
+  return GroupNorm(num_groups, epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (Wu & He 2018) over the last axis with two-pass variance (PyTorch's
+  numerics, not E[x^2]-E[x]^2), statistics in float32; parameters ``scale`` and
+  ``bias`` as flax's ``nn.GroupNorm``.
+
+  The statistics are summed per channel first and then per group, so the activation
+  is only ever broadcast along its channel axis. Flax's reshape to
+  ``[..., groups, channels // groups]`` costs XLA:CPU index arithmetic on every element:
+  this form runs 2-4x faster forward and backward there (BENCHMARKS.md, profile)."""
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    per_group = c // self.num_groups
+    scale = self.param("scale", ax.partitioned(nn.initializers.ones_init(), (ax.NORM,)),
+                       (c,), self.param_dtype)
+    bias = self.param("bias", ax.partitioned(nn.initializers.zeros_init(), (ax.NORM,)),
+                      (c,), self.param_dtype)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(1, x.ndim - 1))
+    count = per_group * math.prod(x.shape[1:-1])
+    per_channel = (x.shape[0],) + (1,) * len(axes) + (c,)
+
+    def group_mean(channel_sums):  # [batch, c] -> each channel's group mean, [batch, c]
+      sums = channel_sums.reshape(-1, self.num_groups, per_group).sum(-1) / count
+      return jnp.repeat(sums, per_group, axis=-1).reshape(per_channel)
+
+    centered = x - group_mean(jnp.sum(x, axes))
+    var = group_mean(jnp.sum(jnp.square(centered), axes))
+    y = centered * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)
 
 
 def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32,
@@ -90,60 +125,157 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """Softmax attention, ``[batch, length, heads, head_dim]`` in and out.
 
   The one attention function of the package. ``implementation``:
-    * None: "chunked" on CPU for unmasked attention, else JAX's choice;
-    * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (cuDNN's fused flash
-      kernel on NVIDIA GPUs, bf16/fp16 only);
-    * "chunked": :func:`chunked_attention`.
+    * None: chosen per backend: "flash" on CPU without a mask; "cudnn" on an NVIDIA
+      GPU where cuDNN's flash kernel takes the call (:func:`cudnn_takes`); "xla"
+      otherwise (masks on CPU, float32 on GPU, TPU);
+    * "flash": :func:`flash_attention`, blocked, its backward recomputing the scores
+      instead of keeping the probability matrix; no masks;
+    * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (XLA's one-shot softmax, or
+      cuDNN's fused flash attention, bf16/fp16 only).
   ``upcast``: query and key (and so the scores and the softmax) in float32, the
   output in the input dtype (diffusers' ``upcast_attention``); not with "cudnn".
+
+  No kernel hands out the attention probabilities. Code that reads or replaces them
+  intercepts :meth:`Attention.attend`, which receives the projected query, key and
+  value before any kernel runs (see there).
   """
   if implementation is None:
-    unmasked = mask is None and not is_causal
-    implementation = "chunked" if unmasked and jax.default_backend() == "cpu" else None
+    if jax.default_backend() == "cpu":
+      implementation = "flash" if mask is None and not is_causal else "xla"
+    else:
+      implementation = "cudnn" if not upcast and cudnn_takes(query, key, value, mask) else "xla"
   dtype = query.dtype
   if upcast and dtype != jnp.float32:
     if implementation == "cudnn":
       raise ValueError("upcast attention computes scores in float32, which cuDNN's fused "
                        "kernel does not take; use implementation='xla' or None")
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    if implementation != "chunked":
+    if implementation != "flash":
       value = value.astype(jnp.float32)  # jax.nn's kernels take one dtype
-  if implementation == "chunked":
+  if implementation == "flash":
     if mask is not None or is_causal:
-      raise ValueError("chunked attention does not take masks; use implementation='xla'")
-    return chunked_attention(query, key, value).astype(dtype)
+      raise ValueError("flash attention does not take masks; use implementation='xla'")
+    return flash_attention(query, key, value).astype(dtype)
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
                                       implementation=implementation).astype(dtype)
 
 
-def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                      max_score_bytes: int = 16 * 2 ** 20) -> jax.Array:
-  """Attention in [batch, heads, length, dim] layout over blocks of queries.
+def cudnn_takes(query: jax.Array, key: jax.Array, value: jax.Array,
+                mask: jax.Array | None = None) -> bool:
+  """Whether cuDNN's flash attention runs these operands: an NVIDIA GPU of compute
+  capability 8.0 or later, bf16/fp16, no mask, one head_dim, a multiple of 8 up to 128
+  (256 from compute capability 9.0), as ``jax._src.cudnn`` checks."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or capability is None or mask is not None:
+    return False
+  major_minor = tuple(int(x) for x in str(capability).split(".")[:2])
+  d = query.shape[-1]
+  return (major_minor >= (8, 0)
+          and query.dtype in (jnp.bfloat16, jnp.float16)
+          and query.dtype == key.dtype == value.dtype
+          and d == key.shape[-1] == value.shape[-1] and d % 8 == 0
+          and d <= (256 if major_minor >= (9, 0) else 128))
 
-  Each block's score matrix stays within ``max_score_bytes`` (about a CPU's last-level
-  cache) instead of materialising all ``Lq x Lk`` scores: 3-8x faster than the
-  one-shot form on CPU for the UNet's long pixel sequences (benchmarks/BENCHMARKS.md).
+
+def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                    block_bytes: int = FLASH_BLOCK_BYTES) -> jax.Array:
+  """Softmax attention over tiles of queries whose backward recomputes the scores.
+
+  FlashAttention (Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact
+  Attention with IO-Awareness", Algorithms 1 and 2) shaped for a CPU. A tile is
+  ``block`` queries of ``group`` heads against all their keys, its scores at most
+  ``block_bytes``: as many queries of one head as fit, then as many heads (XLA:CPU runs
+  a few long row blocks faster than many short ones across heads). As each tile sees
+  all keys, FlashAttention's online softmax over key blocks reduces to one exact
+  softmax per row. The forward keeps the output and each row's log-sum-exp only; the
+  backward (a ``jax.custom_vjp``) recomputes each tile's probabilities from them, so
+  neither pass holds the ``Lq x Lk`` probability matrix.
+  ``[batch, length, heads, head_dim]`` in and out; lengths need not be multiples of
+  the block (the last block is padded).
   """
   b, lq, h, d = query.shape
   lk = key.shape[1]
-  chunk = lq
-  while chunk > 16 and chunk % 2 == 0 and b * h * chunk * lk * 4 > max_score_bytes:
-    chunk //= 2
-  q = jnp.transpose(query, (0, 2, 1, 3)) * jnp.asarray(d ** -0.5, query.dtype)
-  k_t = jnp.transpose(key, (0, 2, 3, 1))   # [b, h, d, lk]
-  v = jnp.transpose(value, (0, 2, 1, 3))   # [b, h, lk, d]
-
-  def block(q_block):
-    scores = jnp.matmul(q_block, k_t, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.matmul(weights, v)
-
-  if chunk == lq:
-    out = block(q)
-  else:
-    blocks = jnp.moveaxis(q.reshape(b, h, lq // chunk, chunk, d), 2, 0)
-    out = jnp.moveaxis(jax.lax.map(block, blocks), 0, 2).reshape(b, h, lq, d)
+  n = b * h
+  row_bytes = 4 * lk
+  block = min(lq, max(8, block_bytes // row_bytes // 8 * 8))
+  group = max(g for g in range(1, n + 1) if n % g == 0 and (g == 1 or g * block * row_bytes
+                                                             <= block_bytes))
+  blocks = -(-lq // block)
+  heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(n // group, group, -1, d)
+  q = heads_major(query * jnp.asarray(d ** -0.5, query.dtype))
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, blocks * block - lq), (0, 0)))
+  q = q.reshape(n // group, group, blocks, block, d).transpose(0, 2, 1, 3, 4)
+  out = _flash(q, heads_major(key), heads_major(value))  # [n/group, blocks, group, block, d]
+  out = out.transpose(0, 2, 1, 3, 4).reshape(b, h, blocks * block, d)[:, :, :lq]
   return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  return jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """``softmax(q k^T) v`` tile by tile: ``q [groups, blocks, group, block, d]`` (scaled),
+  ``k, v [groups, group, lk, d]``."""
+  return _flash_forward(q, k, v)[0]
+
+
+def _flash_forward(q, k, v):
+  def heads(xs):
+    q_group, k_group, v_group = xs
+
+    def tile(q_tile):
+      s = _scores(q_tile, k_group)
+      m = jnp.max(s, axis=-1, keepdims=True)
+      p = jnp.exp(s - m)
+      norm = jnp.sum(p, axis=-1, keepdims=True)
+      o = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v_group,
+                     preferred_element_type=jnp.float32) / norm
+      return o.astype(q.dtype), (m + jnp.log(norm))[..., 0]
+
+    return jax.lax.map(tile, q_group)
+
+  out, lse = jax.lax.map(heads, (q, k, v))
+  return out, (q, k, v, out, lse)
+
+
+def _flash_backward(residuals, d_out):
+  """FlashAttention's backward (Algorithm 2 of Dao et al.): per tile
+  ``P = exp(S - lse)``, ``dV += P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``,
+  ``dQ = dS K``, ``dK += dS^T Q``. The key and value gradients accumulate transposed,
+  ``[group, d, lk]``, so that every product contracts a minor dimension (XLA:CPU runs
+  them 2x faster than contracting the tile's query axis in place)."""
+  q, k, v, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+  def heads(xs):
+    q_group, k_group, v_group, do_group, lse_group, delta_group = xs
+
+    def tile(carry, ys):
+      dk_t, dv_t = carry
+      q_tile, do_tile, lse_tile, delta_tile = ys
+      p = jnp.exp(_scores(q_tile, k_group) - lse_tile[..., None])
+      dv_t = dv_t + jnp.einsum("gqd,gqk->gdk", do_tile, p.astype(v.dtype),
+                               preferred_element_type=jnp.float32)
+      dp = jnp.einsum("gqd,gkd->gqk", do_tile, v_group, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_tile[..., None])).astype(q.dtype)
+      dq = jnp.einsum("gqk,gkd->gqd", ds, k_group, preferred_element_type=jnp.float32)
+      dk_t = dk_t + jnp.einsum("gqd,gqk->gdk", q_tile, ds, preferred_element_type=jnp.float32)
+      return (dk_t, dv_t), dq.astype(q.dtype)
+
+    group, lk, d = k_group.shape
+    zeros = jnp.zeros((group, d, lk), jnp.float32)
+    (dk_t, dv_t), dq = jax.lax.scan(tile, (zeros, zeros),
+                                    (q_group, do_group, lse_group, delta_group))
+    return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
+
+  dq, dk, dv = jax.lax.map(heads, (q, k, v, d_out, lse, delta))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
 
 
 class Attention(nn.Module):
@@ -187,9 +319,19 @@ class Attention(nn.Module):
     """The attention between the projections, ``[batch, length, heads, head_dim]``.
 
     A method of its own so that flax's ``nn.intercept_methods`` can observe or change
-    its inputs from outside the model (Prompt-to-Prompt in ``ip2p_jax.synth`` replaces
-    one image's self-attention query and key by another's). With no interceptor
-    installed nothing is added to the traced program."""
+    its inputs from outside the model. With no interceptor installed nothing is added
+    to the traced program. The kernels never hand out the probabilities
+    ``softmax(q k^T / sqrt(d))``, so an interceptor works on what defines them:
+      * to replace one image's probabilities by another's, pass that image's query
+        and key on (Prompt-to-Prompt in ``ip2p_jax.synth`` does this): the kernel,
+        flash included, then computes exactly those probabilities with its own values;
+      * to read them, compute ``jax.nn.softmax(q k^T / sqrt(d))`` from the arguments
+        in the interceptor (the one place they are materialised);
+      * to edit them arbitrarily (reweighting a token), compute the attention itself
+        from its arguments instead of calling the next function;
+      * a ``mask`` reaches XLA's kernel (flash takes none), as does a causal one.
+    All of these differentiate like any JAX code; only the uninterrupted path runs
+    the flash kernel's custom backward."""
     del self_attention  # read by interceptors only
     return dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
                                  implementation=self.implementation, upcast=self.upcast)

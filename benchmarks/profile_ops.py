@@ -1,0 +1,153 @@
+"""Where the milliseconds of a compiled program go, by kind of work, on XLA:CPU.
+
+  python benchmarks/profile_ops.py train --size small --resolution 64 --batch 8
+  python benchmarks/profile_ops.py edit --size small --resolution 128 --batch 1 --steps 10
+
+Runs the program of ``train_benchmark.py`` (one stage-2 step) or of
+``edit_benchmark.py`` (one edit) a few times under ``jax.profiler`` with XLA's
+per-op trace events on (``--xla_cpu_enable_xprof_traceme``), and adds up each HLO
+instruction's self time (its trace events minus those nested in it), on every XLA
+thread; the optimised HLO comes from XLA's dump (``--xla_dump_to``). Each instruction is put in a group by the JAX name stack in its metadata
+(the flax module path and the primitive): convolution, attention core
+(``Attention.attend``), attention projections, normalisation, dense layers, the
+frozen VAE and text encoder, and the rest. Prints milliseconds per run of each group
+and the heaviest instructions, with wall time per run for scale (thread time can
+exceed it when XLA runs work on both cores).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+DUMP = tempfile.mkdtemp()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+                           f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text").strip()
+
+import numpy as np  # noqa: E402
+
+from common import SIZES, machine  # noqa: E402
+
+GROUPS = (  # (group, test on the op_name metadata), first match wins
+    ("VAE (frozen / decode)", lambda n: "AutoencoderKL" in n),
+    ("text encoder (frozen)", lambda n: "CLIPText" in n),
+    ("attention core (attend)", lambda n: ".attend" in n),
+    ("convolution", lambda n: n.endswith("conv_general_dilated")),
+    ("attention projections", lambda n: re.search(r"/attn[12]/", n) is not None),
+    ("normalisation", lambda n: re.search(r"/(norm\d?|conv_norm_out)/", n) is not None),
+    ("feed-forward", lambda n: "/ff/" in n),
+    ("dense (time embedding, proj)", lambda n: n.endswith("dot_general")),
+    ("UNet other (activations, residuals, copies)", lambda n: "UNet2DConditionModel" in n),
+)
+OTHER = "outside the networks (optimizer, EMA, loss, sampler, transposes)"
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its ``op_name`` metadata, from a compiled module's text."""
+  names = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+    names[m.group(1)] = m.group(2)
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", hlo_text, re.M):
+    names.setdefault(m.group(1), "")
+  return names
+
+
+def group_of(op_name: str) -> str:
+  for group, test in GROUPS:
+    if test(op_name):
+      return group
+  return OTHER
+
+
+def self_times(xplane: str, known: dict[str, str]) -> dict[str, float]:
+  """Nanoseconds of self time per HLO instruction over all XLA threads of a trace."""
+  from jax._src.lib import _profile_data
+  data = _profile_data.ProfileData.from_file(xplane)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for plane in data.planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                       if e.name in known), key=lambda e: (e[0], -e[1]))
+      stack: list[list] = []  # [end, name, child time]
+      for start, end, name in events:
+        while stack and stack[-1][0] <= start:
+          done = stack.pop()
+          totals[done[1]] -= done[2]
+        if stack:
+          stack[-1][2] += end - start
+        totals[name] += end - start
+        stack.append([end, name, 0.0])
+      for done in stack:
+        totals[done[1]] -= done[2]
+  return totals
+
+
+def profile(run, runs: int, top: int) -> None:
+  import jax
+  run()
+  wall = min(_timed(run) for _ in range(2))
+  known = {}
+  for path in glob.glob(os.path.join(DUMP, "*after_optimizations.txt")):
+    with open(path) as f:
+      known.update(op_names(f.read()))
+  folder = tempfile.mkdtemp()
+  with jax.profiler.trace(folder):
+    for _ in range(runs):
+      run()
+  xplane = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
+  per_op = {k: v / runs / 1e6 for k, v in self_times(xplane, known).items()}
+  groups: dict[str, float] = collections.defaultdict(float)
+  for name, ms in per_op.items():
+    groups[group_of(known[name])] += ms
+  total = sum(groups.values())
+  print(f"wall {wall * 1e3:.1f} ms per run (untraced); XLA thread time {total:.1f} ms per run")
+  print("| group | ms per run | share |")
+  print("|---|---:|---:|")
+  for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+    print(f"| {group} | {ms:.1f} | {ms / total:.0%} |")
+  print("heaviest instructions of each group (ms per run):")
+  for group in sorted(groups, key=lambda g: -groups[g]):
+    ops = sorted((kv for kv in per_op.items() if group_of(known[kv[0]]) == group),
+                 key=lambda kv: -kv[1])
+    print(f"  {group}:")
+    for name, ms in ops[:top]:
+      print(f"    {ms:7.2f}  {name}  {known[name][-100:]}")
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("program", choices=["train", "edit"])
+  p.add_argument("--size", choices=sorted(SIZES), default="small")
+  p.add_argument("--resolution", type=int, default=0, help="0: 64 (train), 128 (edit)")
+  p.add_argument("--batch", type=int, default=0, help="0: 8 (train), 1 (edit)")
+  p.add_argument("--steps", type=int, default=10, help="edit: sampler steps")
+  p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--top", type=int, default=4, help="instructions listed per group")
+  args = p.parse_args()
+  print(f"machine: {machine()}")
+  if args.program == "train":
+    import train_benchmark
+    _, parts, batch = train_benchmark.setup(args.size, args.resolution or 64, args.batch or 8)
+    run = train_benchmark.our_step(parts, batch)
+  else:
+    import edit_benchmark
+    _, ours = edit_benchmark.setup(args.size)
+    run = edit_benchmark.our_edit(ours, args.resolution or 128, args.batch or 1, args.steps)
+  profile(run, args.runs, args.top)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

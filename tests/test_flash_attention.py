@@ -1,0 +1,85 @@
+"""layers.flash_attention: forward and gradients equal plain softmax attention; the
+backward never holds the probability matrix; dot_product_attention's choice of kernel."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ip2p_jax.models import layers
+
+TOL = 1e-5  # float32, absolute, on outputs and gradients of order 1
+
+
+def reference(q, k, v):
+  """softmax(q k^T / sqrt(d)) v, materialised, ``[batch, length, heads, dim]``."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v, precision="highest")
+
+
+def operands(b, lq, lk, h, d, seed=0):
+  rng = np.random.default_rng(seed)
+  q, g = (jnp.asarray(rng.standard_normal((b, lq, h, d)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32) for _ in range(2))
+  return q, k, v, g
+
+
+# (batch, query length, key length, heads, head_dim, score bytes per tile):
+# self and cross attention; one tile; many tiles of one head with a padded last block
+# (300 = 37 x 8 + 4); tiles of several heads; fewer queries than a block.
+CASES = [
+    (2, 256, 256, 8, 8, layers.FLASH_BLOCK_BYTES),
+    (2, 256, 77, 8, 8, layers.FLASH_BLOCK_BYTES),
+    (2, 300, 295, 4, 8, 8 * 295 * 4),
+    (2, 300, 77, 4, 16, 3 * 300 * 77 * 4),
+    (3, 77, 77, 1, 32, 16 * 77 * 4),
+    (1, 5, 9, 2, 40, layers.FLASH_BLOCK_BYTES),
+]
+
+
+@pytest.mark.parametrize("b,lq,lk,h,d,block_bytes", CASES)
+def test_forward_and_gradients_equal_softmax_attention(b, lq, lk, h, d, block_bytes):
+  q, k, v, g = operands(b, lq, lk, h, d)
+  flash = lambda q, k, v: layers.flash_attention(q, k, v, block_bytes=block_bytes)
+  out, vjp = jax.vjp(flash, q, k, v)
+  want, want_vjp = jax.vjp(reference, q, k, v)
+  np.testing.assert_allclose(out, want, atol=TOL, rtol=0)
+  for got, expected in zip(vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+def test_backward_never_holds_the_probability_matrix():
+  """Forward and backward of 2 x 2048 x 2048 float32 probabilities (32 MiB) in tiles of
+  1 MiB: XLA's temporaries stay a fraction of the matrix."""
+  b, l, h, d = 1, 2048, 2, 16
+  q, k, v, g = operands(b, l, l, h, d)
+  loss = lambda q, k, v: jnp.sum(layers.flash_attention(q, k, v, block_bytes=2 ** 20) * g)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+  probabilities = b * h * l * l * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < probabilities / 4
+
+
+def _primitives(fn, *args) -> set:
+  names = set()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
+
+
+def test_cpu_default_is_flash_and_masks_go_to_xla():
+  q, k, v, _ = operands(1, 16, 16, 2, 8)
+  assert "custom_vjp_call" in _primitives(layers.dot_product_attention, q, k, v)
+  masked = lambda q, k, v: layers.dot_product_attention(q, k, v, is_causal=True)
+  assert "custom_vjp_call" not in _primitives(masked, q, k, v)
+  causal = jnp.tril(jnp.ones((16, 16), bool))
+  np.testing.assert_allclose(
+      masked(q, k, v), jax.nn.dot_product_attention(q, k, v, mask=causal), atol=TOL)
+
+
+def test_cudnn_is_not_chosen_off_gpu():
+  q = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+  assert not layers.cudnn_takes(q, q, q)
