@@ -168,9 +168,13 @@ def test_a_path_is_an_image_and_python_matches_the_cli(pipes, model, tmp_path):
 
 
 def test_one_default_step_count():
+  """Python, ``ip2p edit`` (whose --steps resolves per step, for chains) and ``ip2p eval``."""
+  from ip2p_jax.cli import edit as edit_cli
   default = inspect.signature(InstructPix2PixPipeline.__call__).parameters
   edit = build_parser().parse_args(["edit", "a.png", "-p", "x", "-o", "out"])
-  assert default["num_inference_steps"].default == edit.steps == 50
+  (step,), _ = edit_cli._steps(edit)
+  evaluate = build_parser().parse_args(["eval"])
+  assert default["num_inference_steps"].default == step.steps == evaluate.steps == 50
 
 
 def test_torch_dtype_is_an_alias_of_dtype(model):
