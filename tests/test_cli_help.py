@@ -66,17 +66,80 @@ def test_sampler_choices_are_the_library_samplers():
   assert tuple(SAMPLER_CHOICES) == schedules.SAMPLERS
 
 
-def test_readme_synopsis_names_every_edit_option():
+def _synopsis(command: str) -> str:
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  synopsis = readme.split("## `ip2p edit`", 1)[1].split("```", 2)[1]
-  edit = dict(COMMANDS)[("edit",)]
-  for action in edit._actions:
-    flags = [f for f in action.option_strings if f not in ("-h", "--help")]
-    if flags:
-      assert any(re.search(rf"{re.escape(f)}\b", synopsis) for f in flags), \
-          f"README's ip2p edit synopsis lacks {flags[-1]}"
+  section = readme.split(f"## `ip2p {command}`", 1)[1]
+  return section.split("```", 2)[1]
+
+
+def _flags(synopsis: str):
+  """(flag, value or None, inside brackets) for every option the synopsis names."""
+  depth, i = 0, 0
+  pattern = re.compile(r"(?<![\w-])(-{1,2}[a-z][\w-]*)(?: ((?!-)[^\s\[\]]+(?:\[[^\]]*\])?))?")
+  for m in pattern.finditer(synopsis):
+    depth += synopsis.count("[", i, m.start()) - synopsis.count("]", i, m.start())
+    i = m.start()
+    yield m.group(1), m.group(2), depth > 0
+
+
+def _value(action, text):
+  return action.type(text) if callable(action.type) else text
+
+
+def _default(action):
+  """The parser's default, or where it is resolved later (a None default), the one its
+  help states: "default X", or the choice marked "(default)"."""
+  if action.default is not None:
+    return action.default
+  text = action.help or ""
+  for choice in action.choices or ():
+    if re.search(rf"\b{re.escape(choice)}\b[^;]*\(default\)", text):
+      return choice
+  said = re.search(r"default:? ([\w.,]+)", text)
+  return _value(action, said.group(1).rstrip(".,")) if said else None
+
+
+@pytest.mark.parametrize("command", ["edit", "eval"])
+def test_readme_synopsis_matches_the_parser(command):
+  """Every flag the README's synopsis names exists, takes a value exactly when the parser's
+  does, and a value shown is the parser's default (or
+  its choices, A|B); a required one is not bracketed; the edit synopsis names every option
+  (eval's ends in "...")."""
+  synopsis = _synopsis(command)
+  top = build_parser()
+  parser = dict(COMMANDS)[(command,)]
+  named = set()
+  for flag, value, optional in _flags(synopsis):
+    if flag == "--debug":  # accepted anywhere (cli.common.pop_debug)
+      continue
+    action = (parser._option_string_actions.get(flag) or
+              top._option_string_actions.get(flag))
+    assert action is not None, f"README's ip2p {command} synopsis: {flag} is no option"
+    named.add(action.dest)
+    takes_value = action.nargs != 0
+    assert (value is not None) == takes_value, f"{flag}: value {value!r} in the synopsis"
+    if action.required:
+      assert not optional, f"{flag} is required: not in brackets"
+    if not takes_value or value.isupper() or value.startswith('"') or \
+        re.fullmatch(r"[A-Z]+(\[:[A-Z]+\])?(:[A-Z]+)?", value):
+      continue  # a placeholder
+    if "|" in value:
+      assert set(value.split("|")) == set(action.choices), f"{flag}: choices {value}"
+      assert value.split("|")[0] == _default(action), f"{flag}: the default comes first"
+    else:
+      default = _default(action)
+      assert default is not None, f"{flag}: the synopsis shows {value}, the parser no default"
+      assert _value(action, value) == default, \
+          f"README's ip2p {command} synopsis says {flag} {value}, the parser's default is " \
+          f"{default!r}"
+  if not synopsis.rstrip().endswith("..."):
+    for action in parser._actions:
+      if action.option_strings and action.dest != "help":
+        assert action.dest in named, f"README's ip2p {command} synopsis lacks " \
+                                     f"{action.option_strings[-1]}"
+  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
   for name in SAMPLER_CHOICES:
-    assert name in readme, f"README does not name the {name} sampler"
+    assert f"`{name}`" in readme, f"README does not name the {name} sampler"
 
 
 @pytest.fixture(scope="module")
