@@ -344,8 +344,9 @@ def build_app(demo: Demo, title: str = "ip2p_jax: InstructPix2Pix"):
       branch_button = gr.Button("Branch from selected", elem_id="branch")
       grid_button = gr.Button("Scale grid", elem_id="grid")
     status = gr.Markdown("Upload an image or pick an example.", elem_id="status")
-    gallery = gr.Gallery(label="History (pick one to branch from it)", columns=8, height=180,
-                         allow_preview=False, format="png", elem_id="history")
+    gallery = gr.Gallery(label="History (pick one to branch from it)", columns=8, height=200,
+                         fit_columns=False, object_fit="contain", allow_preview=False,
+                         format="png", elem_id="history")
     branches = gr.Dropdown([], label="Branch", elem_id="branches")
     files = gr.File(label="Download: the image and its chain (ip2p edit --chain)",
                     file_count="multiple", interactive=False, elem_id="downloads")

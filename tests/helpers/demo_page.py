@@ -121,6 +121,10 @@ class Page:
     from selenium.webdriver.common.by import By
     return self.driver.find_elements(By.CSS_SELECTOR, css)
 
+  def _one(self, css):
+    """The first element matching ``css``, waited for (the page renders as it loads)."""
+    return self.wait(lambda: self._find(css), css, timeout=120)[0]
+
   def wait(self, condition, what: str, timeout: float = 600):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -144,7 +148,7 @@ class Page:
     return self.wait(seen, f"status {fragment!r}", timeout)
 
   def upload(self, path: str) -> None:
-    self._find("#upload input[type=file]")[0].send_keys(os.path.abspath(path))
+    self._one("#upload input[type=file]").send_keys(os.path.abspath(path))
 
   def clear_upload(self) -> None:
     """Removes the uploaded file (the component's clear button), ready for another."""
@@ -153,20 +157,20 @@ class Page:
     self.wait(lambda: self._find("#upload input[type=file]"), "an empty upload box")
 
   def type_instruction(self, text: str) -> None:
-    box = self._find("#instruction textarea")[0]
+    box = self._one("#instruction textarea")
     box.clear()
     box.send_keys(text)
 
   def set_number(self, elem_id: str, value) -> None:
     """A slider's or number box's value, typed into its number field."""
     from selenium.webdriver.common.keys import Keys
-    field = self._find(f"#{elem_id} input[type=number]")[0]
+    field = self._one(f"#{elem_id} input[type=number]")
     field.clear()
     field.send_keys(str(value), Keys.TAB)
     self.wait(lambda: field.get_attribute("value") == str(value), f"{elem_id} = {value}")
 
   def click(self, elem_id: str) -> None:
-    self._find(f"#{elem_id}")[0].click()
+    self._one(f"#{elem_id}").click()
 
   def image_url(self, elem_id: str) -> str | None:
     found = self._find(f"#{elem_id} img")
