@@ -282,7 +282,7 @@ class _TwoProcesses:
     return [int(np.load(o)["__step__"]) for o in self.outs]
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_bitwise(
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(
     tmp_path, shapes_dataset):
   """SIGTERM to process 1 only, once step 2 is logged: both processes leave the loop at
   the same step (JAX's preemption sync point), save that step together and exit 0;
