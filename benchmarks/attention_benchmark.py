@@ -6,8 +6,10 @@ forward+backward (gradients of q, k and v), in one run.
 
 The default shape is Stable Diffusion 1.5's first UNet level at 512 px (batch 3 for
 two-scale guidance, 64x64 = 4096 pixels, 8 heads of 40). ``--implementation`` picks
-ours ("default" = what the UNet gets on this backend); ``--block-mb`` sets the flash
-kernel's score bytes per query block (the sweep behind ``layers.FLASH_BLOCK_BYTES``).
+ours ("default" = what the UNet gets on this backend); ``--forward-tiles`` and
+``--backward-tiles`` set the flash kernel's tiles (the sweep behind
+``layers.FLASH_FORWARD_TILES`` / ``FLASH_BACKWARD_TILES``: queries per tile as a
+fraction of the key length, score bytes up to which heads share a tile).
 Reports the best of ``--repeats`` after one warm-up call and ours/PyTorch.
 """
 from __future__ import annotations
@@ -28,8 +30,8 @@ def main():
   p.add_argument("--kv-length", type=int, default=0, help="key length (0: = LENGTH)")
   p.add_argument("--implementation", nargs="+", default=["default"],
                  choices=["default", "flash", "xla"])
-  p.add_argument("--block-mb", type=float, nargs="+", default=[0],
-                 help="flash score bytes per query block in MiB (0: the library default)")
+  p.add_argument("--forward-tiles", type=int, nargs=2, metavar=("KEY_FRACTION", "BYTES"))
+  p.add_argument("--backward-tiles", type=int, nargs=2, metavar=("KEY_FRACTION", "BYTES"))
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                  help="cpu: process CPU seconds (run under `taskset -c 0` for one thread)")
@@ -54,20 +56,22 @@ def main():
   timed = lambda fn: best_of(fn, args.repeats, clock)
   rows = []
   for impl in args.implementation:
-    for mb in args.block_mb if impl in ("default", "flash") else [0]:
-      kw = {"implementation": None if impl == "default" else impl}
-      attend = functools.partial(layers.dot_product_attention, **kw)
-      if mb:
-        attend = functools.partial(layers.flash_attention, block_bytes=int(mb * 2 ** 20))
-      fwd = jax.jit(attend)
-      fwd_bwd = jax.jit(lambda q, k, v, g, attend=attend: jax.vjp(attend, q, k, v)[1](g))
-      args_j = [jnp.asarray(x) for x in (q, k, v, g)]
-      times = []
-      for fn, a in ((fwd, args_j[:3]), (fwd_bwd, args_j)):
-        jax.block_until_ready(fn(*a))
-        times.append(timed(lambda fn=fn, a=a: jax.block_until_ready(fn(*a))))
-      label = impl + (f" block {mb:g} MiB" if mb else "")
-      rows.append((label, *times))
+    attend = functools.partial(layers.dot_product_attention,
+                               implementation=None if impl == "default" else impl)
+    label = impl
+    if args.forward_tiles or args.backward_tiles:
+      tiles = dict(forward_tiles=tuple(args.forward_tiles or layers.FLASH_FORWARD_TILES),
+                   backward_tiles=tuple(args.backward_tiles or layers.FLASH_BACKWARD_TILES))
+      attend = functools.partial(layers.flash_attention, **tiles)
+      label = f"flash {tiles}"
+    fwd = jax.jit(attend)
+    fwd_bwd = jax.jit(lambda q, k, v, g, attend=attend: jax.vjp(attend, q, k, v)[1](g))
+    args_j = [jnp.asarray(x) for x in (q, k, v, g)]
+    times = []
+    for fn, a in ((fwd, args_j[:3]), (fwd_bwd, args_j)):
+      jax.block_until_ready(fn(*a))
+      times.append(timed(lambda fn=fn, a=a: jax.block_until_ready(fn(*a))))
+    rows.append((label, *times))
 
   if not args.no_torch:
     import torch

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 DUMP = tempfile.mkdtemp()
+os.environ["IP2P_COMPILATION_CACHE"] = "off"  # a program read from the cache is not dumped
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
                            f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text").strip()
 
@@ -44,46 +45,71 @@ GROUPS = (  # (group, test on the op_name metadata), first match wins
     ("dense (time embedding, proj)", lambda n: n.endswith("dot_general")),
     ("UNet other (activations, residuals, copies)", lambda n: "UNet2DConditionModel" in n),
 )
-OTHER = "outside the networks (optimizer, EMA, loss, sampler, transposes)"
+OTHER = "outside the networks (optimizer, EMA, loss, sampler)"
+UNNAMED = "layout copies XLA inserted (no source op)"
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> its ``op_name`` metadata, from a compiled module's text."""
-  names = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
-    names[m.group(1)] = m.group(2)
-  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", hlo_text, re.M):
-    names.setdefault(m.group(1), "")
-  return names
+  """HLO instruction name -> its ``op_name`` metadata, from a compiled module's text; a
+  fusion without one takes that of the first instruction inside it that has one, or
+  "conv_general_dilated" if it holds a convolution (XLA keeps no metadata on the
+  convolutions of weight gradients)."""
+  own, calls, first_in, convolves = {}, {}, {}, set()
+  computation = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if header:
+      computation = header.group(1)
+      continue
+    m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if not m:
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    own[m.group(1)] = name.group(1) if name else ""
+    if " convolution(" in line and computation is not None:
+      convolves.add(computation)
+    if name and computation is not None:
+      first_in.setdefault(computation, name.group(1))
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if called:
+      calls[m.group(1)] = called.group(1)
+  inherited = lambda k: first_in.get(calls.get(k, ""), "") or (
+      "conv_general_dilated" if calls.get(k) in convolves else "")
+  return {k: v or inherited(k) for k, v in own.items()}
 
 
 def group_of(op_name: str) -> str:
+  if not op_name:
+    return UNNAMED
   for group, test in GROUPS:
     if test(op_name):
       return group
   return OTHER
 
 
-def self_times(xplane: str, known: dict[str, str]) -> dict[str, float]:
-  """Nanoseconds of self time per HLO instruction over all XLA threads of a trace."""
+def self_times(xplane: str) -> dict[tuple[str, str], float]:
+  """Nanoseconds of self time per (HLO module, instruction) over all XLA threads."""
   from jax._src.lib import _profile_data
   data = _profile_data.ProfileData.from_file(xplane)
-  totals: dict[str, float] = collections.defaultdict(float)
+  totals: dict[tuple[str, str], float] = collections.defaultdict(float)
   for plane in data.planes:
     for line in plane.lines:
-      if line.name == "python":
-        continue
-      events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
-                       if e.name in known), key=lambda e: (e[0], -e[1]))
-      stack: list[list] = []  # [end, name, child time]
-      for start, end, name in events:
+      events = []
+      for e in line.events:
+        stats = dict(e.stats)
+        if "hlo_op" in stats:
+          events.append((e.start_ns, e.start_ns + e.duration_ns,
+                         (stats.get("hlo_module", ""), stats["hlo_op"])))
+      events.sort(key=lambda e: (e[0], -e[1]))
+      stack: list[list] = []  # [end, key, child time]
+      for start, end, key in events:
         while stack and stack[-1][0] <= start:
           done = stack.pop()
           totals[done[1]] -= done[2]
         if stack:
           stack[-1][2] += end - start
-        totals[name] += end - start
-        stack.append([end, name, 0.0])
+        totals[key] += end - start
+        stack.append([end, key, 0.0])
       for done in stack:
         totals[done[1]] -= done[2]
   return totals
@@ -93,19 +119,20 @@ def profile(run, runs: int, top: int) -> None:
   import jax
   run()
   wall = min(_timed(run) for _ in range(2))
-  known = {}
-  for path in glob.glob(os.path.join(DUMP, "*after_optimizations.txt")):
+  known: dict[tuple[str, str], str] = {}
+  for path in glob.glob(os.path.join(DUMP, "*.cpu_after_optimizations.txt")):
+    module = os.path.basename(path).split(".")[1]
     with open(path) as f:
-      known.update(op_names(f.read()))
+      known.update({(module, op): name for op, name in op_names(f.read()).items()})
   folder = tempfile.mkdtemp()
   with jax.profiler.trace(folder):
     for _ in range(runs):
       run()
   xplane = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
-  per_op = {k: v / runs / 1e6 for k, v in self_times(xplane, known).items()}
+  per_op = {k: v / runs / 1e6 for k, v in self_times(xplane).items()}
   groups: dict[str, float] = collections.defaultdict(float)
-  for name, ms in per_op.items():
-    groups[group_of(known[name])] += ms
+  for key, ms in per_op.items():
+    groups[group_of(known.get(key, ""))] += ms
   total = sum(groups.values())
   print(f"wall {wall * 1e3:.1f} ms per run (untraced); XLA thread time {total:.1f} ms per run")
   print("| group | ms per run | share |")
@@ -114,11 +141,11 @@ def profile(run, runs: int, top: int) -> None:
     print(f"| {group} | {ms:.1f} | {ms / total:.0%} |")
   print("heaviest instructions of each group (ms per run):")
   for group in sorted(groups, key=lambda g: -groups[g]):
-    ops = sorted((kv for kv in per_op.items() if group_of(known[kv[0]]) == group),
+    ops = sorted((kv for kv in per_op.items() if group_of(known.get(kv[0], "")) == group),
                  key=lambda kv: -kv[1])
     print(f"  {group}:")
-    for name, ms in ops[:top]:
-      print(f"    {ms:7.2f}  {name}  {known[name][-100:]}")
+    for key, ms in ops[:top]:
+      print(f"    {ms:7.2f}  {key[1]}  {known.get(key, '')[-100:]}")
 
 
 def _timed(fn) -> float:

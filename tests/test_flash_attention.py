@@ -23,23 +23,26 @@ def operands(b, lq, lk, h, d, seed=0):
   return q, k, v, g
 
 
-# (batch, query length, key length, heads, head_dim, score bytes per tile):
-# self and cross attention; one tile; many tiles of one head with a padded last block
-# (300 = 37 x 8 + 4); tiles of several heads; fewer queries than a block.
+# (batch, query length, key length, heads, head_dim, forward and backward tiles):
+# self and cross attention at the default tiles; 128-query tiles, the last padded
+# (300 = 2 x 128 + 44), of one head or of several heads; fewer queries than a tile.
+ONE_HEAD, MANY_HEADS = (8, 1), (8, 2 ** 24)
 CASES = [
-    (2, 256, 256, 8, 8, layers.FLASH_BLOCK_BYTES),
-    (2, 256, 77, 8, 8, layers.FLASH_BLOCK_BYTES),
-    (2, 300, 295, 4, 8, 8 * 295 * 4),
-    (2, 300, 77, 4, 16, 3 * 300 * 77 * 4),
-    (3, 77, 77, 1, 32, 16 * 77 * 4),
-    (1, 5, 9, 2, 40, layers.FLASH_BLOCK_BYTES),
+    (2, 256, 256, 8, 8, layers.FLASH_FORWARD_TILES, layers.FLASH_BACKWARD_TILES),
+    (2, 256, 77, 8, 8, layers.FLASH_FORWARD_TILES, layers.FLASH_BACKWARD_TILES),
+    (2, 300, 295, 4, 8, ONE_HEAD, ONE_HEAD),
+    (2, 300, 77, 4, 16, MANY_HEADS, ONE_HEAD),
+    (3, 77, 77, 1, 32, ONE_HEAD, MANY_HEADS),
+    (1, 5, 9, 2, 40, layers.FLASH_FORWARD_TILES, layers.FLASH_BACKWARD_TILES),
 ]
 
 
-@pytest.mark.parametrize("b,lq,lk,h,d,block_bytes", CASES)
-def test_forward_and_gradients_equal_softmax_attention(b, lq, lk, h, d, block_bytes):
+@pytest.mark.parametrize("b,lq,lk,h,d,forward_tiles,backward_tiles", CASES)
+def test_forward_and_gradients_equal_softmax_attention(b, lq, lk, h, d, forward_tiles,
+                                                        backward_tiles):
   q, k, v, g = operands(b, lq, lk, h, d)
-  flash = lambda q, k, v: layers.flash_attention(q, k, v, block_bytes=block_bytes)
+  flash = lambda q, k, v: layers.flash_attention(q, k, v, forward_tiles=forward_tiles,
+                                                 backward_tiles=backward_tiles)
   out, vjp = jax.vjp(flash, q, k, v)
   want, want_vjp = jax.vjp(reference, q, k, v)
   np.testing.assert_allclose(out, want, atol=TOL, rtol=0)
@@ -47,15 +50,26 @@ def test_forward_and_gradients_equal_softmax_attention(b, lq, lk, h, d, block_by
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
 
 
+def test_tiles():
+  """Queries per tile: lk / key_fraction, at least 128, at most 16 MiB of scores, at most
+  lq; heads per tile: the largest divisor of the head count within the byte budget."""
+  assert layers.flash_tiles(24, 4096, 4096, 2, 2 ** 21) == (1024, 1)  # 16 MiB cap
+  assert layers.flash_tiles(24, 1024, 1024, 2, 2 ** 21) == (512, 1)
+  assert layers.flash_tiles(64, 256, 256, 8, 2 ** 17) == (128, 1)
+  assert layers.flash_tiles(64, 256, 77, 8, 2 ** 21) == (128, 32)   # 32 x 128 x 308 B
+  assert layers.flash_tiles(6, 5, 9, 2, 2 ** 21) == (5, 6)
+
+
 def test_backward_never_holds_the_probability_matrix():
-  """Forward and backward of 2 x 2048 x 2048 float32 probabilities (32 MiB) in tiles of
-  1 MiB: XLA's temporaries stay a fraction of the matrix."""
-  b, l, h, d = 1, 2048, 2, 16
+  """Forward and backward of 2 x 4096 x 4096 float32 probabilities (128 MiB), in tiles of
+  one head and 1024 (forward) or 512 (backward) queries: XLA's temporaries (a few
+  tiles of 8-16 MiB) stay well under the matrix."""
+  b, l, h, d = 1, 4096, 2, 16
   q, k, v, g = operands(b, l, l, h, d)
-  loss = lambda q, k, v: jnp.sum(layers.flash_attention(q, k, v, block_bytes=2 ** 20) * g)
+  loss = lambda q, k, v: jnp.sum(layers.flash_attention(q, k, v) * g)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
   probabilities = b * h * l * l * 4
-  assert compiled.memory_analysis().temp_size_in_bytes < probabilities / 4
+  assert compiled.memory_analysis().temp_size_in_bytes < probabilities / 2
 
 
 def _primitives(fn, *args) -> set:

@@ -12,6 +12,7 @@ Attention projections keep diffusers' names (``to_q``, ``to_k``, ``to_v``,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -23,9 +24,11 @@ from ip2p_jax import sharding as ax
 
 Dtype = Any
 
-# Score bytes per query block of :func:`flash_attention`, measured on a 2-core Xeon
-# (BENCHMARKS.md, attention).
-FLASH_BLOCK_BYTES = 16 * 2 ** 20
+# Tiles of :func:`flash_attention`, (queries per tile as a fraction of the key length,
+# score bytes up to which heads share a tile), forward and backward: measured with
+# benchmarks/attention_benchmark.py on a 2-core Xeon (BENCHMARKS.md).
+FLASH_FORWARD_TILES = (2, 2 ** 21)
+FLASH_BACKWARD_TILES = (8, 2 ** 17)
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True,
@@ -106,12 +109,19 @@ def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32,
       name=name)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU (Hendrycks & Gimpel 2016) as PyTorch writes it, ``x (1 + erf(x / sqrt 2)) / 2``.
+  ``jax.nn.gelu(approximate=False)`` uses ``erfc`` for the far negative tail, which
+  XLA:CPU evaluates piecewise, 2.5x slower; the two agree within 1e-6 (float32)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 def activation(name: str):
   """Activation functions by their diffusers/transformers config names."""
   table = {
       "silu": nn.silu,
       "swish": nn.silu,
-      "gelu": lambda x: nn.gelu(x, approximate=False),
+      "gelu": gelu,
       "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
   }
   if name not in table:
@@ -179,50 +189,77 @@ def cudnn_takes(query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
-                    block_bytes: int = FLASH_BLOCK_BYTES) -> jax.Array:
+                    forward_tiles: tuple[int, int] = FLASH_FORWARD_TILES,
+                    backward_tiles: tuple[int, int] = FLASH_BACKWARD_TILES) -> jax.Array:
   """Softmax attention over tiles of queries whose backward recomputes the scores.
 
   FlashAttention (Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact
   Attention with IO-Awareness", Algorithms 1 and 2) shaped for a CPU. A tile is
-  ``block`` queries of ``group`` heads against all their keys, its scores at most
-  ``block_bytes``: as many queries of one head as fit, then as many heads (XLA:CPU runs
-  a few long row blocks faster than many short ones across heads). As each tile sees
-  all keys, FlashAttention's online softmax over key blocks reduces to one exact
-  softmax per row. The forward keeps the output and each row's log-sum-exp only; the
-  backward (a ``jax.custom_vjp``) recomputes each tile's probabilities from them, so
-  neither pass holds the ``Lq x Lk`` probability matrix.
-  ``[batch, length, heads, head_dim]`` in and out; lengths need not be multiples of
-  the block (the last block is padded).
+  ``block`` queries of ``group`` heads against all their keys (:func:`flash_tiles`).
+  As each tile sees all keys, FlashAttention's online softmax over key blocks reduces
+  to one exact softmax per row. The forward keeps the output and each row's
+  log-sum-exp only; the backward (a ``jax.custom_vjp``, in tiles of its own) recomputes
+  each tile's probabilities from them, so neither pass holds the ``Lq x Lk``
+  probability matrix. ``[batch, length, heads, head_dim]`` in and out; lengths need
+  not be multiples of the block (the last block is padded).
   """
   b, lq, h, d = query.shape
   lk = key.shape[1]
-  n = b * h
-  row_bytes = 4 * lk
-  block = min(lq, max(8, block_bytes // row_bytes // 8 * 8))
-  group = max(g for g in range(1, n + 1) if n % g == 0 and (g == 1 or g * block * row_bytes
-                                                             <= block_bytes))
-  blocks = -(-lq // block)
-  heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(n // group, group, -1, d)
+  heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, -1, d)
   q = heads_major(query * jnp.asarray(d ** -0.5, query.dtype))
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, blocks * block - lq), (0, 0)))
-  q = q.reshape(n // group, group, blocks, block, d).transpose(0, 2, 1, 3, 4)
-  out = _flash(q, heads_major(key), heads_major(value))  # [n/group, blocks, group, block, d]
-  out = out.transpose(0, 2, 1, 3, 4).reshape(b, h, blocks * block, d)[:, :, :lq]
-  return jnp.transpose(out, (0, 2, 1, 3))
+  out = _flash(flash_tiles(b * h, lq, lk, *forward_tiles),
+               flash_tiles(b * h, lq, lk, *backward_tiles), q, heads_major(key),
+               heads_major(value))
+  return jnp.transpose(out.reshape(b, h, lq, d), (0, 2, 1, 3))
+
+
+def flash_tiles(heads: int, lq: int, lk: int, key_fraction: int,
+                group_bytes: int) -> tuple[int, int]:
+  """``(block, group)``: ``lk / key_fraction`` queries per tile (at least 128 and at
+  most 16 MiB of scores), then as many heads as keep the tile within ``group_bytes``.
+  XLA:CPU pays per loop iteration, so long keys want tall tiles; short keys want tiles
+  that stay in a core's cache, the backward (which makes three score-sized arrays per
+  tile) smaller ones than the forward."""
+  row_bytes = 4 * lk
+  block = min(lq, max(8, min(max(128, lk // key_fraction), 2 ** 24 // row_bytes)))
+  group = max(g for g in range(1, heads + 1)
+              if heads % g == 0 and (g == 1 or g * block * row_bytes <= group_bytes))
+  return block, group
+
+
+def _tile(x: jax.Array, block: int, group: int) -> jax.Array:
+  """``[n, l, ...]`` -> ``[n / group, blocks, group, block, ...]``, the last block padded."""
+  n, l = x.shape[:2]
+  blocks = -(-l // block)
+  x = jnp.pad(x, ((0, 0), (0, blocks * block - l)) + ((0, 0),) * (x.ndim - 2))
+  x = x.reshape((n // group, group, blocks, block) + x.shape[2:])
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _untile(x: jax.Array, length: int) -> jax.Array:
+  """The inverse of :func:`_tile`."""
+  x = jnp.swapaxes(x, 1, 2)
+  return x.reshape((x.shape[0] * x.shape[1], -1) + x.shape[4:])[:, :length]
+
+
+def _grouped(x: jax.Array, group: int) -> jax.Array:
+  return x.reshape((x.shape[0] // group, group) + x.shape[1:])
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """``softmax(q k^T) v`` tile by tile: ``q [groups, blocks, group, block, d]`` (scaled),
-  ``k, v [groups, group, lk, d]``."""
-  return _flash_forward(q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(forward_tiles, backward_tiles, q, k, v):
+  """``softmax(q k^T) v`` tile by tile; ``q [n, lq, d]`` (scaled), ``k, v [n, lk, d]``."""
+  return _flash_forward(forward_tiles, backward_tiles, q, k, v)[0]
 
 
-def _flash_forward(q, k, v):
+def _flash_forward(tiles, backward_tiles, q, k, v):
+  del backward_tiles
+  block, group = tiles
+
   def heads(xs):
     q_group, k_group, v_group = xs
 
@@ -237,16 +274,20 @@ def _flash_forward(q, k, v):
 
     return jax.lax.map(tile, q_group)
 
-  out, lse = jax.lax.map(heads, (q, k, v))
+  out, lse = jax.lax.map(heads, (_tile(q, block, group), _grouped(k, group),
+                                 _grouped(v, group)))
+  out, lse = _untile(out, q.shape[1]), _untile(lse, q.shape[1])
   return out, (q, k, v, out, lse)
 
 
-def _flash_backward(residuals, d_out):
+def _flash_backward(forward_tiles, tiles, residuals, d_out):
   """FlashAttention's backward (Algorithm 2 of Dao et al.): per tile
   ``P = exp(S - lse)``, ``dV += P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``,
   ``dQ = dS K``, ``dK += dS^T Q``. The key and value gradients accumulate transposed,
   ``[group, d, lk]``, so that every product contracts a minor dimension (XLA:CPU runs
   them 2x faster than contracting the tile's query axis in place)."""
+  del forward_tiles
+  block, group = tiles
   q, k, v, out, lse = residuals
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -265,14 +306,17 @@ def _flash_backward(residuals, d_out):
       dk_t = dk_t + jnp.einsum("gqd,gqk->gdk", q_tile, ds, preferred_element_type=jnp.float32)
       return (dk_t, dv_t), dq.astype(q.dtype)
 
-    group, lk, d = k_group.shape
+    lk, d = k_group.shape[1:]
     zeros = jnp.zeros((group, d, lk), jnp.float32)
     (dk_t, dv_t), dq = jax.lax.scan(tile, (zeros, zeros),
                                     (q_group, do_group, lse_group, delta_group))
     return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
 
-  dq, dk, dv = jax.lax.map(heads, (q, k, v, d_out, lse, delta))
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+  tiled = lambda x: _tile(x, block, group)
+  dq, dk, dv = jax.lax.map(heads, (tiled(q), _grouped(k, group), _grouped(v, group),
+                                   tiled(d_out), tiled(lse), tiled(delta)))
+  return (_untile(dq, q.shape[1]), dk.reshape(k.shape).astype(k.dtype),
+          dv.reshape(v.shape).astype(v.dtype))
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
@@ -348,7 +392,7 @@ class GEGLU(nn.Module):
     h = dense(2 * self.inner, (ax.EMBED, ax.MLP), dtype=self.dtype,
               param_dtype=self.param_dtype, name="proj")(x)
     value, gate = jnp.split(h, 2, axis=-1)
-    return value * nn.gelu(gate, approximate=False)
+    return value * gelu(gate)
 
 
 class FeedForward(nn.Module):
