@@ -86,41 +86,10 @@ EXAMPLES = {  # caption -> the completion the tiny model memorises
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-  """A 2-layer GPT-2 with a byte-level BPE tokenizer trained here (nothing downloaded),
-  fitted until it reproduces EXAMPLES from their prompts."""
-  import tokenizers
-  import torch
-  import transformers
-  texts = [instructions.lm_prompt(c) + EXAMPLES[c] for c in EXAMPLES]
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                              pad_token="<|endoftext|>")
-  eos = fast.eos_token_id
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=64, n_layer=2,
-                                   n_head=2, bos_token_id=eos, eos_token_id=eos)
-  model = transformers.GPT2LMHeadModel(config)
-  batch = fast(texts, padding=True, return_tensors="pt")
-  labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-  optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-  model.train()
-  for _ in range(300):
-    loss = model(**batch, labels=labels).loss
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    if loss.item() < 0.01:
-      break
-  assert loss.item() < 0.05, loss.item()
-  folder = tmp_path_factory.mktemp("tiny_gpt2")
-  model.eval().save_pretrained(folder)
-  fast.save_pretrained(folder)
-  return str(folder)
+  """A 2-layer GPT-2 made here (nothing downloaded), fitted until it reproduces EXAMPLES
+  from their prompts."""
+  from lm_fixtures import save_tiny_lm
+  return save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"), EXAMPLES)
 
 
 def test_language_model_generator_in_the_original_prompt_format(tiny_lm):
