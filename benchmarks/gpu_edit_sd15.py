@@ -2,15 +2,19 @@
 steps, batch 1 and 8. Random weights of the real shapes (nothing downloaded).
 
   python benchmarks/gpu_edit_sd15.py [--batch 1 8] [--steps 20] [--peak-tflops 989]
+  python benchmarks/gpu_edit_sd15.py --tiny   # a CPU run of the same code, seconds
 
 Reports images/s and the UNet's model FLOPs utilisation: each step runs the UNet on
-3 x batch latents (two-scale guidance), 0.80 TFLOP per 64x64 forward (REFERENCE.md).
-If PyTorch with CUDA and diffusers are installed, runs diffusers' fp16 pipeline on the
-same shapes too and prints the ratio.
+3 x batch latents (two-scale guidance); the FLOPs of one such UNet call come from
+XLA's ``cost_analysis`` of the compiled UNet, the peak from the device's published
+bf16 dense number (``gpu_train_sd15.PEAK_TFLOPS``). With PyTorch on CUDA and diffusers
+installed, diffusers' fp16 pipeline (SDPA) edits the same images with the same weights
+(ours, saved in the diffusers layout) and the ratio is printed.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import jax
@@ -18,31 +22,64 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import machine
+from gpu_train_sd15 import flops_of, peak_tflops
 
-UNET_TFLOP_PER_FORWARD = 0.80
 
-
-def build_pipeline(dtype):
+def build_pipeline(dtype, tiny: bool):
   from configs import models as presets
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax import tokenizer as tokenizers
   from ip2p_jax.checkpoints import PipelineParts, module_from_config
-  modules = {
-      "unet": module_from_config(presets.IP2P_UNET, dtype=dtype, param_dtype=dtype,
-                                 attention_implementation=None),
-      "vae": module_from_config(presets.SD15_VAE, dtype=dtype, param_dtype=dtype),
-      "text_encoder": module_from_config(presets.CLIP_L14_TEXT, dtype=dtype, param_dtype=dtype),
-  }
+  from ip2p_jax.sharding import strip_boxes
+  configs = ((presets.TINY_IP2P_UNET, presets.TINY_VAE, presets.TINY_CLIP_TEXT) if tiny else
+             (presets.IP2P_UNET, presets.SD15_VAE, presets.CLIP_L14_TEXT))
+  modules = {name: module_from_config(raw, dtype=dtype, param_dtype=dtype)
+             for name, raw in zip(("unet", "vae", "text_encoder"), configs)}
   params = {}
   for i, (name, m) in enumerate(modules.items()):
     init = jax.jit(lambda k, m=m: m.init(k, *m.dummy_inputs()))
-    params[name] = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
-                                init(jax.random.key(i))["params"],
-                                is_leaf=lambda x: hasattr(x, "unbox"))
+    params[name] = strip_boxes(init(jax.random.key(i))["params"])
   scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", "beta_schedule": "scaled_linear",
                "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "leading",
                "steps_offset": 1}
   return InstructPix2PixPipeline(PipelineParts(modules, params, tokenizers.load(), scheduler, {}))
+
+
+def unet_flops(pipe, batch: int, latent: int) -> float:
+  """FLOPs of one UNet call on ``batch`` latents, from XLA's cost analysis."""
+  unet = pipe.unet
+  x = jnp.zeros((batch, latent, latent, unet.config.in_channels), unet.dtype)
+  t = jnp.zeros((batch,), jnp.int32)
+  ctx = jnp.zeros((batch, 77, unet.config.cross_attention_dim), unet.dtype)
+  fn = jax.jit(lambda p: unet.apply({"params": p}, x, t, ctx))
+  return flops_of(fn.lower(pipe.params["unet"]).compile())
+
+
+def diffusers_seconds(pipe, images, steps: int) -> float | None:
+  """diffusers' fp16 pipeline on our weights, or None without CUDA or diffusers."""
+  try:
+    import diffusers
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  folder = tempfile.mkdtemp()
+  pipe.save_pretrained(folder)
+  ref = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
+      folder, torch_dtype=torch.float16, safety_checker=None, requires_safety_checker=False,
+      local_files_only=True).to("cuda")
+  ref.set_progress_bar_config(disable=True)
+  from PIL import Image
+  pil = [Image.fromarray(x) for x in images]
+  prompts = ["make it snowy"] * len(pil)
+  with torch.no_grad():
+    ref(prompts, image=pil, num_inference_steps=steps)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    ref(prompts, image=pil, num_inference_steps=steps)
+    torch.cuda.synchronize()
+  return time.perf_counter() - started
 
 
 def main():
@@ -50,48 +87,38 @@ def main():
   p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--resolution", type=int, default=512)
-  p.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak")
+  p.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--tiny", action="store_true", help="tiny models, for a CPU check of the script")
   args = p.parse_args()
-  print(f"machine: {machine()}")
-  pipe = build_pipeline(jnp.bfloat16)
+  peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
+  print(f"machine: {machine()}; peak {peak or 'unknown'} TFLOP/s bf16")
+  pipe = build_pipeline(jnp.bfloat16, args.tiny)
+  latent = args.resolution // pipe.vae_scale_factor
   rng = np.random.default_rng(0)
+  print("| batch | s/batch | images/s | UNet TFLOP per step | UNet MFU | compile+first s "
+        "| diffusers fp16 s | ours / diffusers |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for b in args.batch:
     images = rng.integers(0, 256, (b, args.resolution, args.resolution, 3), dtype=np.uint8)
-    run = lambda: pipe("make it snowy", images, num_inference_steps=args.steps, output_type="np")
+    run = lambda: pipe("make it snowy", images, num_inference_steps=args.steps,
+                       output_type="np", progress_bar=False)
     t = time.perf_counter()
     run()
-    compile_s = time.perf_counter() - t
+    first = time.perf_counter() - t
     times = []
     for _ in range(args.repeats):
       t = time.perf_counter()
       run()
       times.append(time.perf_counter() - t)
     warm = min(times)
-    latent = args.resolution // 8
-    flop = UNET_TFLOP_PER_FORWARD * (latent / 64) ** 2 * 3 * b * args.steps
-    print(f"ours bf16 batch {b}: {warm:.3f} s/batch, {b / warm:.2f} images/s, "
-          f"{args.steps * b / warm:.1f} it/s-images, UNet MFU {flop / warm / args.peak_tflops:.1%}"
-          f" (compile+first {compile_s - warm:.1f} s)")
-    try:
-      import torch
-      if not torch.cuda.is_available():
-        continue
-      from common import diffusers_ip2p
-      ref = diffusers_ip2p("sd15").to("cuda", torch.float16)
-      ref.set_progress_bar_config(disable=True)
-      from PIL import Image
-      pil = [Image.fromarray(x) for x in images]
-      with torch.no_grad():
-        ref(["make it snowy"] * b, image=pil, num_inference_steps=args.steps)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        ref(["make it snowy"] * b, image=pil, num_inference_steps=args.steps)
-        torch.cuda.synchronize()
-      theirs = time.perf_counter() - t
-      print(f"diffusers fp16 batch {b}: {theirs:.3f} s/batch; ours/diffusers = {warm / theirs:.2f}")
-    except ImportError:
-      pass
+    flop = unet_flops(pipe, 3 * b, latent)  # one step: the UNet on 3 x b latents
+    mfu = f"{flop * args.steps / warm / (peak * 1e12):.1%}" if peak else "-"
+    theirs = None if args.no_torch else diffusers_seconds(pipe, images, args.steps)
+    print(f"| {b} | {warm:.3f} | {b / warm:.2f} | {flop / 1e12:.3f} | {mfu} | {first:.1f} "
+          f"| {f'{theirs:.3f}' if theirs else '-'} | {f'{warm / theirs:.2f}' if theirs else '-'} |",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,22 @@ def _grouped(x: jax.Array, group: int) -> jax.Array:
   return x.reshape((x.shape[0] // group, group) + x.shape[1:])
 
 
+def _map(f, xs):
+  """``lax.map``, or a plain call when there is one element: a program of one tile has
+  no loop to trace, compile or run."""
+  if jax.tree.leaves(xs)[0].shape[0] > 1:
+    return jax.lax.map(f, xs)
+  return jax.tree.map(lambda y: y[None], f(jax.tree.map(lambda x: x[0], xs)))
+
+
+def _scan(f, init, xs):
+  """``lax.scan``, or a plain call when there is one element (see :func:`_map`)."""
+  if jax.tree.leaves(xs)[0].shape[0] > 1:
+    return jax.lax.scan(f, init, xs)
+  carry, y = f(init, jax.tree.map(lambda x: x[0], xs))
+  return carry, jax.tree.map(lambda t: t[None], y)
+
+
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
 
@@ -272,10 +288,9 @@ def _flash_forward(tiles, backward_tiles, q, k, v):
                      preferred_element_type=jnp.float32) / norm
       return o.astype(q.dtype), (m + jnp.log(norm))[..., 0]
 
-    return jax.lax.map(tile, q_group)
+    return _map(tile, q_group)
 
-  out, lse = jax.lax.map(heads, (_tile(q, block, group), _grouped(k, group),
-                                 _grouped(v, group)))
+  out, lse = _map(heads, (_tile(q, block, group), _grouped(k, group), _grouped(v, group)))
   out, lse = _untile(out, q.shape[1]), _untile(lse, q.shape[1])
   return out, (q, k, v, out, lse)
 
@@ -308,13 +323,13 @@ def _flash_backward(forward_tiles, tiles, residuals, d_out):
 
     lk, d = k_group.shape[1:]
     zeros = jnp.zeros((group, d, lk), jnp.float32)
-    (dk_t, dv_t), dq = jax.lax.scan(tile, (zeros, zeros),
-                                    (q_group, do_group, lse_group, delta_group))
+    (dk_t, dv_t), dq = _scan(tile, (zeros, zeros),
+                             (q_group, do_group, lse_group, delta_group))
     return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
 
   tiled = lambda x: _tile(x, block, group)
-  dq, dk, dv = jax.lax.map(heads, (tiled(q), _grouped(k, group), _grouped(v, group),
-                                   tiled(d_out), tiled(lse), tiled(delta)))
+  dq, dk, dv = _map(heads, (tiled(q), _grouped(k, group), _grouped(v, group),
+                            tiled(d_out), tiled(lse), tiled(delta)))
   return (_untile(dq, q.shape[1]), dk.reshape(k.shape).astype(k.dtype),
           dv.reshape(v.shape).astype(v.dtype))
 
