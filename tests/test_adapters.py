@@ -69,7 +69,8 @@ def trained_cd(folder, data, tmp_path_factory):
 def trained_lora(folder, data, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("lora") / "lora.safetensors")
   settings = runner.Settings("lora", steps=2, learning_rate=1e-2, rank=2, alpha=4.0)
-  return out, runner.customize(folder, data[0], out, settings, progress=False)
+  # two folders: two concepts trained jointly into one adapter
+  return out, runner.customize(folder, list(data), out, settings, progress=False)
 
 
 def _flat(tree):
@@ -283,6 +284,9 @@ def test_cli_customize_and_edit_adapter_arguments(tmp_path):
   empty.mkdir()
   assert main(["customize", "--data", str(empty), "--method", "lora",
                "--out", str(tmp_path / "a.safetensors")]) == 2
+  (empty / "metadata.jsonl").write_text("")
+  assert main(["customize", "--data", str(empty), "--method", "lora", "--diffusers-dir",
+               str(tmp_path / "d"), "--out", str(tmp_path / "a.safetensors")]) == 2
 
 
 def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(trained_cd, base):
@@ -339,3 +343,134 @@ def test_text_to_image_custom_diffusion_through_the_training_loop(shapes_dataset
   adapter = files.load(os.path.join(summary["export"], "adapter.safetensors"))
   assert adapter.tokens.names == ["<new1>"] and set(adapter.deltas) == selected
 
+
+
+def _torch_text_out(text_encoder, ids):
+  import torch
+  with torch.no_grad():
+    return text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+
+
+def test_text_encoder_lora_round_trips_with_diffusers(folder, base, tmp_path):
+  """A LoRA file with text-encoder layers (what most SD 1.5 LoRAs hold): the one
+  diffusers saves changes our text encoder's states as it changes diffusers', and ours,
+  saved again, loads in diffusers' load_lora_weights with the same states."""
+  import diffusers
+  import torch
+  from peft import LoraConfig, inject_adapter_in_model
+  from peft.utils import get_peft_model_state_dict
+  from ip2p_jax import tokenizer as tokenizers
+  ids = tokenizers.tokenize(base.tokenizer, ["make the circle red", ""])
+  text = jax.jit(lambda p, i: base.modules["text_encoder"].apply({"params": p}, i)
+                 .last_hidden_state)
+  before = np.asarray(text(base.params["text_encoder"], ids))
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+  te_config = LoraConfig(r=2, lora_alpha=6, init_lora_weights=False,
+                         target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+  unet_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_k"])
+  torch.manual_seed(0)
+  # (peft's own injection: transformers' text_encoder.add_adapter wants a newer peft)
+  inject_adapter_in_model(te_config, pipe.text_encoder)
+  pipe.unet.add_adapter(unet_config)
+  theirs = _torch_text_out(pipe.text_encoder, ids)
+  np.testing.assert_allclose(before, _torch_text_out(
+      diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder).text_encoder, ids),
+      rtol=0, atol=1e-4)  # the two base text encoders agree
+  diffusers.StableDiffusionInstructPix2PixPipeline.save_lora_weights(
+      str(tmp_path / "theirs"), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+      text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+      unet_lora_adapter_metadata=unet_config.to_dict(),
+      text_encoder_lora_adapter_metadata=te_config.to_dict())
+  adapter = files.load(str(tmp_path / "theirs" / "pytorch_lora_weights.safetensors"))
+  assert {adapter.text_lora.scaling(p) for p in adapter.text_lora.weights} == {3.0}
+  assert {adapter.lora.scaling(p) for p in adapter.lora.weights} == {1.0}
+  ours = np.asarray(text(adapters.apply(base, adapter).params["text_encoder"], ids))
+  assert np.abs(theirs - before).max() > 1e-2
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4)
+  # Ours -> diffusers.
+  files.save(str(tmp_path / "ours.safetensors"), adapter)
+  fresh = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+  fresh.load_lora_weights(str(tmp_path), weight_name="ours.safetensors")
+  np.testing.assert_allclose(_torch_text_out(fresh.text_encoder, ids), theirs, rtol=0,
+                             atol=2e-4)
+  # Scale 0 keeps the base text encoder exactly; a misfit layer is named.
+  zero = adapters.apply(base, adapter, 0.0)
+  np.testing.assert_array_equal(np.asarray(text(zero.params["text_encoder"], ids)), before)
+  path = next(iter(adapter.text_lora.weights))
+  bad = files.Adapter("lora", lora=lora.LoRA({}, {}), text_lora=lora.LoRA(
+      {path + ("x",): adapter.text_lora.weights[path]}, {path + ("x",): 1.0}))
+  with pytest.raises(adapters.AdapterError, match="not in this model's text encoder"):
+    adapters.apply(base, bad)
+
+
+def test_custom_diffusion_in_diffusers_layout_both_ways(trained_cd, folder, base, tmp_path):
+  """Our Custom Diffusion adapter written in diffusers' layout (whole to_k/to_v kernels,
+  a textual-inversion file per token) gives diffusers' CustomDiffusionAttnProcessor UNet
+  and text encoder the outputs ours give; read back, it is the same adapter."""
+  import diffusers
+  import safetensors.torch
+  import torch
+  from ip2p_jax import tokenizer as tokenizers
+  from ip2p_jax.adapters import diffusers_format
+  cd = files.load(trained_cd[0])
+  written = diffusers_format.save(str(tmp_path), cd, base)
+  assert [os.path.basename(w) for w in written] == [diffusers_format.WEIGHT_NAME,
+                                                     "<new1>.safetensors"]
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+  sd = safetensors.torch.load_file(written[0])
+  sd.update({n: {} for n in pipe.unet.attn_processors if n.endswith("attn1.processor")})
+  pipe.unet.load_attn_procs(sd, _pipeline=pipe)
+  assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {
+      "CustomDiffusionAttnProcessor"}
+  pipe.load_textual_inversion(str(tmp_path), weight_name="<new1>.safetensors")
+  ours = adapters.apply(base, cd)
+  ids = tokenizers.tokenize(ours.tokenizer, ["make it <new1>"])
+  assert list(pipe.tokenizer("make it <new1>").input_ids) == [
+      int(i) for i in ids[0][:len(pipe.tokenizer("make it <new1>").input_ids)]]
+  text = np.asarray(ours.modules["text_encoder"].apply({"params": ours.params["text_encoder"]},
+                                                       ids).last_hidden_state)
+  theirs_text = _torch_text_out(pipe.text_encoder, ids)
+  np.testing.assert_allclose(text, theirs_text, rtol=0, atol=1e-4)
+  x, t, _ = _inputs(8, seed=4)
+  theirs = _torch_unet_out(pipe.unet, x, t, theirs_text)
+  mine = np.asarray(jax.jit(lambda p: base.modules["unet"].apply({"params": p}, x, t, text))(
+      ours.params["unet"]))
+  np.testing.assert_allclose(mine, theirs, rtol=0, atol=2e-4)
+  back = diffusers_format.load(written[0], base, written[1:])
+  assert set(back.deltas) == set(cd.deltas) and back.tokens.names == ["<new1>"]
+  for p, d in cd.deltas.items():
+    np.testing.assert_allclose(back.deltas[p], d, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(back.tokens.embeddings, cd.tokens.embeddings)
+
+
+def test_prior_preservation_adds_the_regularisation_loss_at_its_weight():
+  """A batch with a "prior" sub-batch: loss = instance + prior_weight * prior, both
+  reported, and the gradient reaches the trained leaves through both terms."""
+  from ip2p_jax.adapters.training import Customization
+  custom = Customization("custom_diffusion", ("to_k", "to_v"), prior_weight=0.25)
+  params = {"unet": {"attn2": {"to_k": {"kernel": jnp.ones((2, 2))}},
+                     "conv": {"kernel": jnp.ones((2, 2))}}}
+
+  def loss(unet, frozen, batch, rng):  # the objective's signature: (loss, metrics)
+    w = unet["attn2"]["to_k"]["kernel"] + unet["conv"]["kernel"]
+    return jnp.mean((batch["x"] @ w) ** 2), {}
+
+  wrapped = custom.wrap_loss(loss)
+  a, b = jnp.full((1, 2), 1.0), jnp.full((1, 2), 3.0)
+  total, metrics = wrapped(params, {}, {"x": a, "prior": {"x": b}}, jax.random.key(0))
+  inst, prior = loss(params["unet"], {}, {"x": a}, None)[0], loss(params["unet"], {}, {"x": b},
+                                                                  None)[0]
+  np.testing.assert_allclose(total, inst + 0.25 * prior, rtol=1e-6)
+  np.testing.assert_allclose(metrics["prior_loss"], prior, rtol=1e-6)
+  grads = jax.grad(lambda p: wrapped(p, {}, {"x": a, "prior": {"x": b}}, jax.random.key(0))[0])(
+      params)
+  only_instance = jax.grad(lambda p: wrapped(p, {}, {"x": a}, jax.random.key(0))[0])(params)
+  assert not np.allclose(grads["unet"]["attn2"]["to_k"]["kernel"],
+                         only_instance["unet"]["attn2"]["to_k"]["kernel"])
+  assert not np.any(grads["unet"]["conv"]["kernel"])  # frozen: no gradient at all
+
+
+def test_several_data_folders_train_one_adapter_jointly(trained_lora):
+  out, result = trained_lora
+  assert result["examples"] == 5  # 3 + 2 examples from two folders
+  assert files.load(out).meta["prompts"] == ["make it <new1>", "make it red"]

@@ -69,6 +69,12 @@ def check(adapter: Adapter, parts, where: str = "adapter", check_base: bool = Tr
                            f"{lora._torch_shape(tuple(kernels[p].shape))}")
   except ValueError as e:
     raise AdapterError(str(e)) from None
+  if adapter.text_lora is not None:
+    try:
+      lora.check_shapes(adapter.text_lora, parts.params["text_encoder"], where,
+                        model="text encoder")
+    except ValueError as e:
+      raise AdapterError(str(e)) from None
   if adapter.tokens is not None:
     hidden = parts.modules["text_encoder"].config.hidden_size
     if adapter.tokens.embeddings.shape[1] != hidden:
@@ -86,8 +92,9 @@ def check(adapter: Adapter, parts, where: str = "adapter", check_base: bool = Tr
 def apply(parts, adapter: Adapter | str, scale: float = 1.0, *, check_base: bool = True,
           where: str | None = None, base_unet=None):
   """``parts`` (``PipelineParts``) with ``adapter`` (or an adapter file) applied at
-  ``scale``: kernels ``W + scale * dW``, new tokens added. ``scale`` 0 leaves every
-  UNet weight's value as it was."""
+  ``scale``: kernels ``W + scale * dW`` (the UNet's, and the text encoder's for a LoRA
+  file with text-encoder layers), new tokens added. ``scale`` 0 leaves every weight's
+  value as it was."""
   if isinstance(adapter, str):
     where = where or f"adapter {adapter}"
     adapter = load(adapter)
@@ -99,6 +106,9 @@ def apply(parts, adapter: Adapter | str, scale: float = 1.0, *, check_base: bool
   else:
     unet = custom_diffusion.merge(unet, [(adapter.deltas, scale)])
   params = {**parts.params, "unet": unet}
+  if adapter.text_lora is not None and adapter.text_lora.weights:
+    params["text_encoder"] = lora.merge(parts.params["text_encoder"],
+                                        [(adapter.text_lora, scale)])
   modules, tokenizer = parts.modules, parts.tokenizer
   if adapter.tokens is not None and adapter.tokens.names:
     try:

@@ -11,6 +11,14 @@ writes for a UNet loads here and ours loads in diffusers' ``load_lora_weights``:
     ``unet.alpha_pattern``, ``unet.rank_pattern``). Files without it: alpha from
     ``<module>.alpha`` tensors if present, else alpha = rank (scaling 1), as diffusers reads them.
 
+A LoRA file may also hold text-encoder layers, as diffusers writes them:
+``text_encoder.<module>.lora_A.weight`` (``<module>`` e.g.
+``encoder.layers.0.self_attn.q_proj``, as transformers 5 names CLIP's modules; the older
+``text_model.encoder...`` names read too) with ``text_encoder.r`` etc. in the same
+metadata; they merge into the text encoder's kernels. (Kohya-style ``lora_te_`` /
+``lora_unet_`` files and SDXL's ``text_encoder_2`` are refused by name: convert them with
+diffusers first.)
+
 Custom Diffusion adapters store the kernel changes ``unet.<module>.delta_weight`` in the
 PyTorch layout. Either kind may add tokens: ``text_encoder.new_token_embeddings``
 ``[n, hidden]``, their names in our metadata. Our metadata (``ip2p_jax``, JSON) also
@@ -45,16 +53,19 @@ class AdapterError(ValueError):
 
 @dataclasses.dataclass
 class Adapter:
-  """What one file holds. ``lora`` for LoRA, ``deltas`` (path -> kernel change, our
-  layout) for Custom Diffusion, ``tokens`` for either; ``meta``: base description,
-  training prompts, settings."""
+  """What one file holds. ``lora`` for LoRA (the UNet's layers), ``text_lora`` (the
+  text encoder's, LoRA files only), ``deltas`` (path -> kernel change, our layout) for
+  Custom Diffusion, ``tokens`` for either; ``meta``: base description, training
+  prompts, settings."""
   method: str
   lora: lora_lib.LoRA | None = None
   deltas: dict[Path, np.ndarray] | None = None
   tokens: Tokens | None = None
   meta: dict = dataclasses.field(default_factory=dict)
+  text_lora: lora_lib.LoRA | None = None
 
   def paths(self) -> list[Path]:
+    """The UNet module paths the adapter changes."""
     return list(self.lora.weights if self.lora is not None else self.deltas or {})
 
 
@@ -87,25 +98,55 @@ def _module_path(name: str) -> Path:
   return tuple(out)
 
 
+def _file_name(path: Path, prefix: str) -> str:
+  """A layer's module name in a LoRA file. Text-encoder layers are named as diffusers
+  (with transformers 5) names them, without CLIP's ``text_model.``."""
+  name = targets_lib.torch_name(path)
+  if prefix == "text_encoder" and name.startswith("text_model."):
+    name = name[len("text_model."):]
+  return name
+
+
+def _our_path(name: str, prefix: str) -> Path:
+  """The inverse of :func:`_file_name`; text-encoder names with or without ``text_model.``
+  (older diffusers wrote it) both read."""
+  path = _module_path(name)
+  if prefix == "text_encoder" and path[0] != "text_model":
+    path = ("text_model",) + path
+  return path
+
+
+def _save_lora(tensors: dict, prefix: str, part: lora_lib.LoRA, dtype) -> dict:
+  """Writes one model's LoRA layers under ``prefix`` (``unet``, ``text_encoder``);
+  returns its peft ``LoraConfig`` keys, prefixed, as diffusers records them."""
+  ranks, alphas = {}, {}
+  for p, w in part.weights.items():
+    name = _file_name(p, prefix)
+    a = np.asarray(w["lora_A"], np.float32)
+    b = np.asarray(w["lora_B"], np.float32)
+    tensors[f"{prefix}.{name}.lora_A.weight"] = formats.to_torch(("kernel",), a).astype(dtype)
+    tensors[f"{prefix}.{name}.lora_B.weight"] = formats.to_torch(("kernel",), b).astype(dtype)
+    ranks[name], alphas[name] = a.shape[-1], float(part.alphas[p])
+  r = max(set(ranks.values()), key=list(ranks.values()).count)
+  alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+  return {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha,
+          f"{prefix}.target_modules": sorted(ranks),
+          f"{prefix}.rank_pattern": {k: v for k, v in ranks.items() if v != r},
+          f"{prefix}.alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}
+
+
 def save(path: str, adapter: Adapter, dtype=np.float32) -> None:
   """Writes ``adapter`` to ``path`` (a ``.safetensors`` file)."""
   tensors: dict[str, np.ndarray] = {}
   meta: dict[str, str] = {"format": "pt"}
   if adapter.method == "lora":
-    ranks, alphas = {}, {}
-    for p, w in adapter.lora.weights.items():
-      name = targets_lib.torch_name(p)
-      a = np.asarray(w["lora_A"], np.float32)
-      b = np.asarray(w["lora_B"], np.float32)
-      tensors[f"unet.{name}.lora_A.weight"] = formats.to_torch(("kernel",), a).astype(dtype)
-      tensors[f"unet.{name}.lora_B.weight"] = formats.to_torch(("kernel",), b).astype(dtype)
-      ranks[name], alphas[name] = a.shape[-1], float(adapter.lora.alphas[p])
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    meta[LORA_META_KEY] = json.dumps({
-        "unet.r": r, "unet.lora_alpha": alpha, "unet.target_modules": sorted(ranks),
-        "unet.rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "unet.alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}, sort_keys=True)
+    config = {}
+    for prefix, part in (("unet", adapter.lora), ("text_encoder", adapter.text_lora)):
+      if part is not None and part.weights:
+        config.update(_save_lora(tensors, prefix, part, dtype))
+    if not config:
+      raise AdapterError("a LoRA adapter without layers")
+    meta[LORA_META_KEY] = json.dumps(config, sort_keys=True)
   elif adapter.method == "custom_diffusion":
     for p, d in adapter.deltas.items():
       name = targets_lib.torch_name(p)
@@ -149,13 +190,21 @@ def load(path: str) -> Adapter:
       raise AdapterError(f"adapter {path}: {tensors[TOKENS_KEY].shape[0]} token embeddings "
                          f"but {len(names)} token names")
     tokens = Tokens(list(names), np.array(tensors[TOKENS_KEY], np.float32))
+  foreign = sorted(k for k in tensors if k.startswith(("lora_te", "lora_unet", "te_",
+                                                       "text_encoder_2.", "te2_")))
+  if foreign:
+    raise AdapterError(f"adapter {path}: {foreign[0]} is not in the diffusers/peft layout "
+                       "(kohya-style or SDXL's second text encoder); load it with diffusers' "
+                       "load_lora_weights and save it again with save_lora_weights")
+  text = {k[len("text_encoder."):]: v for k, v in tensors.items()
+          if k.startswith("text_encoder.") and k != TOKENS_KEY}
   unet = {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in tensors.items()
-          if k != TOKENS_KEY}
-  other = sorted(k for k in unet if k.startswith(("text_encoder.", "te_", "lora_te")))
-  if other:
-    raise AdapterError(f"adapter {path}: text-encoder layers ({other[0]}, ...) are not "
-                       "supported; only UNet adapters and new tokens")
-  method = own.get("method") or ("lora" if any(".lora_A." in k for k in unet) else None)
+          if k != TOKENS_KEY and not k.startswith("text_encoder.")}
+  method = own.get("method") or (
+      "lora" if any(".lora_A." in k for k in list(unet) + list(text)) else None)
+  if text and method != "lora":
+    raise AdapterError(f"adapter {path}: text-encoder layers ({sorted(text)[0]}, ...) "
+                       "belong in LoRA files only")
   if method == "custom_diffusion":
     deltas = {}
     for key, value in unet.items():
@@ -168,17 +217,26 @@ def load(path: str) -> Adapter:
     raise AdapterError(f"adapter {path}: neither LoRA (lora_A/lora_B tensors) nor an "
                        "ip2p_jax adapter")
   config_raw = json.loads(metadata[LORA_META_KEY]) if LORA_META_KEY in metadata else {}
-  config = {k[len("unet."):]: v for k, v in config_raw.items() if k.startswith("unet.")}
-  alpha_tensors = {k[:-len(".alpha")]: v for k, v in unet.items() if k.endswith(".alpha")}
+  unet_lora = _load_lora(path, unet, config_raw, "unet")
+  text_lora = _load_lora(path, text, config_raw, "text_encoder") if text else None
+  return Adapter("lora", lora=unet_lora, tokens=tokens, meta=own, text_lora=text_lora)
+
+
+def _load_lora(path: str, tensors: Mapping, config_raw: Mapping, prefix: str
+               ) -> lora_lib.LoRA:
+  """One model's LoRA layers (``tensors`` keyed by module name, the prefix removed);
+  ``config_raw``: diffusers' metadata, whose ``<prefix>.`` keys are this model's."""
+  config = {k[len(prefix) + 1:]: v for k, v in config_raw.items() if k.startswith(prefix + ".")}
+  alpha_tensors = {k[:-len(".alpha")]: v for k, v in tensors.items() if k.endswith(".alpha")}
   weights: dict[Path, dict] = {}
-  for key, value in unet.items():
+  for key, value in tensors.items():
     if key.endswith(".alpha"):
       continue
     for part in ("lora_A", "lora_B"):
       marker = f".{part}."
       if marker in key:
         name = key[:key.index(marker)]
-        weights.setdefault(_module_path(name), {})[part] = formats.from_torch(
+        weights.setdefault(_our_path(name, prefix), {})[part] = formats.from_torch(
             ("kernel",), np.array(value, np.float32))
         break
     else:
@@ -186,7 +244,7 @@ def load(path: str) -> Adapter:
                          "layers are read)")
   alphas = {}
   for p, w in weights.items():
-    name = targets_lib.torch_name(p)
+    name = _file_name(p, prefix)
     if set(w) != {"lora_A", "lora_B"}:
       raise AdapterError(f"adapter {path}: layer {name} lacks {({'lora_A', 'lora_B'} - set(w)).pop()}")
     if w["lora_B"].ndim == 4 and w["lora_B"].shape[:2] != (1, 1):
@@ -195,7 +253,7 @@ def load(path: str) -> Adapter:
       raise AdapterError(f"adapter {path}: layer {name}: lora_A has rank "
                          f"{w['lora_A'].shape[-1]}, lora_B {w['lora_B'].shape[-2]}")
     alphas[p] = _alpha_for(name, config, w["lora_A"].shape[-1], alpha_tensors)
-  return Adapter("lora", lora=lora_lib.LoRA(weights, alphas), tokens=tokens, meta=own)
+  return lora_lib.LoRA(weights, alphas)
 
 
 def file_hash(path: str) -> str:

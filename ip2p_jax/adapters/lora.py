@@ -82,13 +82,14 @@ def merge(unet_params: Mapping, adapters: list[tuple[LoRA, float]]) -> dict:
   return targets_lib.add_to_kernels(unet_params, total)
 
 
-def check_shapes(adapter: LoRA, unet_params: Mapping, where: str) -> None:
-  """A one-line error naming the first layer the adapter does not fit."""
-  kernels = targets_lib.kernels(unet_params)
+def check_shapes(adapter: LoRA, params: Mapping, where: str, model: str = "UNet") -> None:
+  """A one-line error naming the first layer the adapter does not fit (``params``: the
+  ``model``'s parameters, the UNet's or the text encoder's)."""
+  kernels = targets_lib.kernels(params)
   for path, w in adapter.weights.items():
     name = targets_lib.torch_name(path)
     if path not in kernels:
-      raise ValueError(f"{where}: adapter layer {name} is not in this model's UNet "
+      raise ValueError(f"{where}: adapter layer {name} is not in this model's {model} "
                        "(an adapter for another architecture?)")
     want = tuple(kernels[path].shape)
     got = tuple(w["lora_A"].shape[:-1]) + (w["lora_B"].shape[-1],)

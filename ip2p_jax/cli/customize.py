@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ip2p_jax.cli.common import CommandError, HelpFormatter, resolve_model
+from ip2p_jax.cli.common import (CommandError, HelpFormatter, enable_compilation_cache,
+                                 resolve_model)
 
 EXAMPLES = """examples:
   ip2p customize --data striped/ --method custom_diffusion --token "<new1>" --init striped \\
@@ -55,6 +56,14 @@ def add_parser(sub) -> None:
   p.add_argument("--resolution", type=int, default=None,
                  help="training size in pixels (default: the base's native size)")
   p.add_argument("--seed", type=int, default=0, help="seed of the batches, noise and LoRA init")
+  p.add_argument("--diffusers-dir", metavar="DIR",
+                 help="custom_diffusion: also write the adapter in diffusers' own layout to DIR "
+                      "(pytorch_custom_diffusion_weights.safetensors, one <token>.safetensors "
+                      "per new token; ip2p_jax.adapters.diffusers_format). LoRA files are "
+                      "already in diffusers' layout")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="do not use JAX's persistent compilation cache (a rerun with the same "
+                      "settings then compiles the train step again)")
   p.set_defaults(run=run)
 
 
@@ -68,8 +77,13 @@ def run(args) -> int:
     raise CommandError(f"--out {args.out}: adapter files end in .safetensors")
   if args.steps < 1 or args.batch_size < 1:
     raise CommandError("--steps and --batch-size must be >= 1")
+  if args.diffusers_dir and args.method != "custom_diffusion":
+    raise CommandError("--diffusers-dir is for custom_diffusion adapters: a LoRA file is "
+                       "already in diffusers' LoRA layout (pipe.load_lora_weights)")
   if args.token and not args.init:
     raise CommandError("--token needs --init WORD: the word each new token starts from")
+  if not args.no_compilation_cache:
+    enable_compilation_cache()
   settings = runner.Settings(
       method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
       rank=args.rank, alpha=args.alpha, targets=args.targets, tokens=tuple(args.token),
@@ -79,4 +93,9 @@ def run(args) -> int:
   print(f"{args.method} adapter from {result['examples']} examples in "
         f"{result['seconds']:.0f} s (loss {result['loss']:.4f}): {args.out} "
         f"({result['bytes'] / 1024:.0f} KiB)")
+  if args.diffusers_dir:
+    from ip2p_jax.adapters import diffusers_format
+    from ip2p_jax.checkpoints import load_pipeline
+    written = diffusers_format.save(args.diffusers_dir, args.out, load_pipeline(base))
+    print(f"diffusers layout: {', '.join(written)}")
   return 0
