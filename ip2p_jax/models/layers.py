@@ -201,7 +201,9 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   log-sum-exp only; the backward (a ``jax.custom_vjp``, in tiles of its own) recomputes
   each tile's probabilities from them, so neither pass holds the ``Lq x Lk``
   probability matrix. ``[batch, length, heads, head_dim]`` in and out; lengths need
-  not be multiples of the block (the last block is padded).
+  not be multiples of the block (the last block is padded). The loops run over
+  ``batch x heads``: with the batch sharded over several CPU devices XLA gathers it
+  first (correct, not partitioned); GPUs and TPUs take cuDNN's or XLA's kernel.
   """
   b, lq, h, d = query.shape
   lk = key.shape[1]
