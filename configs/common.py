@@ -89,7 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.conditioning_dropout = 0.05    # IP2P: 5% text only, 5% both, 5% image only
   c.caption_dropout = 0.1          # stage 1
   c.kl_weight = 1e-6               # VAE
+  c.object_weight = 0.0            # stage 2 on a latent cache: loss weight 1 + this on the
+                                   # objects' cells (objectives.object_weights)
   c.vae_crop = 0                   # VAE: train on random crops of this size (0: whole images)
+  c.vae_train = "all"              # VAE: "all", or "decoder": the encoder (and so the latents,
+                                   # the scaling factor and any UNet trained on them) kept
   c.vae_mse_weight = 0.0           # VAE: squared error added to the L1 reconstruction loss
   c.min_snr_gamma = 0.0            # diffusion: Min-SNR-gamma loss weights (0: plain MSE)
 

@@ -53,7 +53,8 @@ LATENTS = f"{RUNS}/latents/train.arrayrecord"
 
 # The shipped model: every stage at these lengths except stage 2, stopped at step 3433
 # (README.md, "The default model"); rerunning the script continues it to 8000.
-STEPS = {"vae": 1500, "clip": 600, "t2i": 600, "ip2p": 8000, "scratch": 500}
+STEPS = {"vae": 1500, "vae_decoder": 3000, "clip": 600, "t2i": 600, "ip2p": 8000,
+         "focus": 1500, "scratch": 500}
 
 
 def get_config(stage="ip2p"):
@@ -88,22 +89,28 @@ def get_config(stage="ip2p"):
   # first sampling step, which settles the global colours, would never be trained;
   # measured, stage 2 with it had 0% background success after 750 steps.
   c.min_snr_gamma = 0.0
-  if stage == "vae":
+  if stage in ("vae", "vae_decoder"):
     c.stage, c.learning_rate, c.batch_size = "vae", 2e-3, 8
     c.lr_schedule, c.vae_crop, c.vae_mse_weight = "cosine", 96, 1.0
     c.ema_decay = 0.99
+    if stage == "vae_decoder":  # the decoder alone, longer: the latents stay as they are
+      c.model.vae_from, c.vae_train, c.learning_rate = f"{RUNS}/vae/export/vae", "decoder", 1e-3
   elif stage == "clip":
     c.stage, c.learning_rate, c.batch_size = "clip", 1e-3, 32
   else:
-    c.model.vae_from = f"{RUNS}/vae/export/vae"
+    c.model.vae_from = f"{RUNS}/vae_decoder/export/vae"  # the encoder is vae's
     c.model.text_encoder_from = f"{RUNS}/clip/export/text_encoder"
     c.data.latents = LATENTS
     c.batch_size, c.learning_rate = 32, 3e-4
     c.stage = "text_to_image" if stage == "t2i" else "instruct_pix2pix"
     if stage == "ip2p":
       c.model.init_from = f"{RUNS}/t2i/export"
+    if stage == "focus":  # stage 2 continued with the objects' cells weighed up
+      c.model.init_from, c.object_weight = f"{RUNS}/ip2p/export", 10.0
     if c.stage == "instruct_pix2pix":
       # learning-curve evals: 32 held-out edits at 20 steps (~20 s); `ip2p eval` then
       # measures the installed model with the CLI's defaults (50 steps) on 200
       c.eval_every, c.eval_num, c.eval_batch_size, c.eval_steps = 250, 32, 32, 20
+      if stage == "focus":  # more held-out edits: its point is the local ones
+        c.eval_num = 64
   return c

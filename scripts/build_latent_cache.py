@@ -24,7 +24,7 @@ def main():
     modules[name], params[name] = load_component(folder)
   parts = PipelineParts(modules, params, tokenizers.load(), {}, {})
   source = builders.open_split(config.data.path, "train",
-                               skip_decoding=("input_masks", "edited_masks", "edit_mask"))
+                               skip_decoding=("edit_mask",))
   out = config.data.latents
   os.makedirs(os.path.dirname(out), exist_ok=True)
   partial = out + ".partial"

@@ -53,12 +53,19 @@ def test_random_crop_is_a_window_of_the_batch():
   assert objectives.random_crop(images, 0, jax.random.key(0)) is images
 
 
-def test_vae_export_measures_its_scaling_factor(shapes_dataset, tmp_path):
-  """The exported VAE's scaling_factor is 1 / std of its posterior samples on the
-  training images (latent diffusion's recipe), not SD's 0.18215."""
+@pytest.fixture(scope="module")
+def trained_vae(shapes_dataset, tmp_path_factory):
+  """A tiny VAE trained 2 steps and exported: (config, export folder)."""
   c = tiny_vae.get_config()
   c.data.path, c.total_steps, c.vae_crop = shapes_dataset, 2, 16
-  summary = train_and_evaluate(c, str(tmp_path))
+  return c, train_and_evaluate(c, str(tmp_path_factory.mktemp("vae")))["export"]
+
+
+def test_vae_export_measures_its_scaling_factor(trained_vae, shapes_dataset):
+  """The exported VAE's scaling_factor is 1 / std of its posterior samples on the
+  training images (latent diffusion's recipe), not SD's 0.18215."""
+  c, export = trained_vae
+  summary = {"export": export}
   with open(os.path.join(summary["export"], "vae", "config.json")) as f:
     scale = json.load(f)["scaling_factor"]
   from ip2p_jax.checkpoints import load_component
@@ -71,6 +78,49 @@ def test_vae_export_measures_its_scaling_factor(shapes_dataset, tmp_path):
       for i in range(0, len(images), 64)])
   assert scale != pytest.approx(0.18215)
   assert np.std(latents * scale) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_vae_decoder_fine_tune_keeps_the_encoder_bitwise(trained_vae, tmp_path):
+  """``vae_train = "decoder"`` continues a trained VAE: its export's encoder,
+  quant_conv and scaling_factor are the source's exactly (so latents cached and a UNet
+  trained on them stay valid), while the decoder has learned."""
+  from ip2p_jax.checkpoints import load_component
+  base_config, base = trained_vae
+  c = tiny_vae.get_config()
+  c.data.path, c.total_steps, c.vae_crop = base_config.data.path, 3, 16
+  c.model.vae_from, c.vae_train, c.learning_rate = os.path.join(base, "vae"), "decoder", 1e-2
+  export = train_and_evaluate(c, str(tmp_path))["export"]
+  _, before = load_component(os.path.join(base, "vae"))
+  _, after = load_component(os.path.join(export, "vae"))
+  for name in before:
+    same = [np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]))]
+    if name in ("decoder", "post_quant_conv"):
+      assert not all(same), f"{name} did not train"
+    else:
+      assert all(same), f"{name} changed"
+  configs = [json.load(open(os.path.join(f, "vae", "config.json"))) for f in (base, export)]
+  assert configs[0]["scaling_factor"] == configs[1]["scaling_factor"]
+
+
+def test_vae_decoder_fine_tune_needs_a_trained_vae(shapes_dataset):
+  c = tiny_vae.get_config()
+  c.data.path, c.vae_train = shapes_dataset, "decoder"
+  with pytest.raises(ValueError, match="vae_from"):
+    jobs.build(c)
+
+
+def test_object_weights_closed_form():
+  """1 + w on the objects' cells, normalised to mean 1; an all-ones mask leaves the
+  plain loss (all ones)."""
+  mask = np.zeros((2, 4, 4), np.float32)
+  mask[0, 1, 2] = 1.0
+  mask[1] = 1.0
+  w = np.asarray(objectives.object_weights(jnp.asarray(mask), 9.0))
+  expected = np.where(mask[0] > 0, 10.0, 1.0) / ((10.0 + 15.0) / 16.0)
+  np.testing.assert_allclose(w[0], expected, rtol=1e-6)
+  np.testing.assert_allclose(w[1], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w.mean((1, 2)), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["instruct_pix2pix", "text_to_image"])
@@ -131,6 +181,18 @@ def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path)
   side = 32 // 2 ** (len(vae.block_out_channels) - 1)
   assert batch["image_latent"].shape == (4, side, side, vae.latent_channels)
   assert batch["text"].shape[:2] == (4, 77)
+  # the objects per latent cell: the share of the cell's pixels an object of the input
+  # or the edited image covers
+  source = builders.open_split(shapes_dataset, "train")
+  cache = latent_cache.LatentCacheSource(path)
+  f = 32 // side
+  for i in range(len(source)):
+    pixels = ((np.asarray(source[i]["input_masks"]) > 0)
+              | (np.asarray(source[i]["edited_masks"]) > 0))[..., 0]
+    want = pixels.reshape(side, f, side, f).mean((1, 3))
+    np.testing.assert_allclose(cache[i]["object_mask"].astype(np.float32), want, atol=1e-3)
+    assert 0 < want.mean() < 1
+  c.object_weight = 4.0  # the weighted objective trains from the cache
   assert c.sample_every == 0  # "0: only at the end" -- the end still gets its picture
   summary = train_and_evaluate(c, str(tmp_path / "run"))
   assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])

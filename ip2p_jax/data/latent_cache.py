@@ -8,7 +8,12 @@ Each record (msgpack via ``flax.serialization``, never pickle) holds, for a trip
                      draw a fresh ``scaling_factor * sample`` target;
   ``text``           the text encoder's last hidden state of the instruction (float16);
   ``caption_text``   the same for the edited image's caption (stage 1 trains on
-                     edited image + caption), when the source has captions.
+                     edited image + caption), when the source has captions;
+  ``object_mask``    the share of each latent cell covered by an object of the input or
+                     the edited image ([h, w] float16: the union of the source's
+                     ``input_masks`` and ``edited_masks`` averaged over the VAE's
+                     downsampling blocks), when the source has object masks (the shapes
+                     world does).
 Images are centre-cropped and resized to ``resolution`` (no random augmentation).
 
 The file may be in a bucket (``gs://...``): it is written locally and then copied there,
@@ -38,6 +43,18 @@ from ip2p_jax.data.input_pipeline import Shard
 def _center(image: np.ndarray, resolution: int) -> np.ndarray:
   return np.asarray(ImageOps.fit(Image.fromarray(image), (resolution, resolution),
                                  Image.Resampling.BICUBIC))
+
+
+def _latent_mask(mask: np.ndarray, resolution: int, latent_size: int) -> np.ndarray:
+  """An image mask ([S, S] or [S, S, 1], bool or 0/255) centre-cropped like the images
+  and averaged over blocks: the share of each of the [latent_size, latent_size] cells
+  it covers."""
+  mask = np.asarray(mask).reshape(np.asarray(mask).shape[:2])
+  image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
+  full = np.asarray(ImageOps.fit(image, (resolution, resolution),
+                                 Image.Resampling.NEAREST), np.float32) / 255.0
+  f = resolution // latent_size
+  return full.reshape(latent_size, f, latent_size, f).mean((1, 3)).astype(np.float16)
 
 
 def _batches(source, batch_size: int) -> Iterator[list[dict]]:
@@ -94,6 +111,10 @@ def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
                   "edited_logvar": outs[2][j], "text": outs[3][j]}
         if has_captions:
           record["caption_text"] = outs[4][j]
+        if "input_masks" in batch[j]:
+          objects = (np.asarray(batch[j]["input_masks"]) > 0) | \
+              (np.asarray(batch[j]["edited_masks"]) > 0)
+          record["object_mask"] = _latent_mask(objects, resolution, outs[0].shape[1])
         writer.write(serialization.msgpack_serialize(record))
         count += 1
       if progress:

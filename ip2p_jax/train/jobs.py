@@ -68,17 +68,17 @@ def _random_params(module, key):
 
 
 def _frozen_encoders(config, kw, place) -> tuple[dict, dict, Any]:
-  """VAE and text encoder for the diffusion stages: from ``init_from`` (a pipeline
-  folder), from ``vae_from``/``text_encoder_from`` component folders, or random (tests).
+  """VAE and text encoder for the diffusion stages: from ``vae_from``/``text_encoder_from``
+  component folders, else from ``init_from`` (a pipeline folder), else random (tests).
   Weights read from folders are placed by ``place`` shard by shard."""
   m = config.model
   modules, params = {}, {}
   tokenizer = tokenizers.load()
-  if m.init_from:
+  if m.init_from:  # a component folder given beside it replaces the pipeline's own
     folder = resolve(m.init_from)
-    for name in ("vae", "text_encoder"):
-      modules[name], params[name] = load_component(os.path.join(folder, name), shardings=place,
-                                                   **kw)
+    for name, source in (("vae", m.vae_from), ("text_encoder", m.text_encoder_from)):
+      modules[name], params[name] = load_component(source or os.path.join(folder, name),
+                                                   shardings=place, **kw)
     tok_dir = os.path.join(folder, "tokenizer")
     return modules, params, tokenizers.load(tok_dir if paths.isdir(tok_dir) else None)
   for i, (name, source, preset) in enumerate((("vae", m.vae_from, m.vae),
@@ -152,13 +152,16 @@ def build(config, place: Callable | None = None) -> Job:
                                     empty[None]).last_hidden_state).astype(np.float32)
       scale = vae.config.scaling_factor
       if stage == "instruct_pix2pix":
-        loss = objectives.instruct_pix2pix_cached(module, schedule, empty_text, scale,
-                                                  dropout=config.conditioning_dropout,
-                                                  min_snr_gamma=gamma)
+        loss = objectives.instruct_pix2pix_cached(
+            module, schedule, empty_text, scale, dropout=config.conditioning_dropout,
+            min_snr_gamma=gamma, object_weight=config.get("object_weight", 0.0))
       else:
         loss = objectives.text_to_image_cached(module, schedule, empty_text, scale,
                                                caption_dropout=config.caption_dropout,
                                                min_snr_gamma=gamma)
+    elif config.get("object_weight", 0.0) > 0:
+      raise ValueError("object_weight reads the object masks of a latent cache: set "
+                       "data.latents (scripts/build_latent_cache.py)")
     elif stage == "instruct_pix2pix":
       loss = objectives.instruct_pix2pix(module, vae, text, schedule, empty,
                                          dropout=config.conditioning_dropout,
@@ -173,15 +176,24 @@ def build(config, place: Callable | None = None) -> Job:
 
   tokenizer = tokenizers.load()
   if stage == "vae":
-    module = module_from_config(_dict(m.vae), **kw)
+    load = None
+    if m.vae_from:  # continue a trained VAE (its config, scaling factor included)
+      module, _ = load_component(m.vae_from, **kw)
+      load = lambda: load_component(m.vae_from, shardings=place, **kw)[1]
+    else:
+      module = module_from_config(_dict(m.vae), **kw)
+    decoder_only = config.get("vae_train", "all") == "decoder"
+    if decoder_only and not m.vae_from:
+      raise ValueError("vae_train='decoder' fine-tunes a trained VAE: set model.vae_from")
     loss = objectives.autoencoder(module, kl_weight=config.kl_weight,
                                   crop=config.get("vae_crop", 0),
-                                  mse_weight=config.get("vae_mse_weight", 0.0))
-  else:
-    module = module_from_config(_dict(m.clip), **kw)
-    loss = objectives.contrastive(module)
-  return Job(stage, module, lambda k: _random_params(module, k), None, {}, {}, loss, tokenizer,
-             scheduler_config)
+                                  mse_weight=config.get("vae_mse_weight", 0.0),
+                                  decoder_only=decoder_only)
+    return Job(stage, module, lambda k: _random_params(module, k), load, {}, {}, loss,
+               tokenizer, scheduler_config)
+  module = module_from_config(_dict(m.clip), **kw)
+  return Job(stage, module, lambda k: _random_params(module, k), None, {}, {},
+             objectives.contrastive(module), tokenizer, scheduler_config)
 
 
 def latent_scaling_factor(vae, params, images: np.ndarray, seed: int = 0) -> float:

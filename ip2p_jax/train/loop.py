@@ -311,8 +311,15 @@ def train_and_evaluate(config, workdir) -> dict:
     final_step = int(jax.device_get(state.step))
     if final_step == config.total_steps and config.get("export", True):
       ema, frozen_host = _gather(state.ema_params), _gather(frozen)
+      decoder_only = config.stage == "vae" and config.get("vae_train", "all") == "decoder"
+      if decoder_only:  # the encoder exactly as loaded (its EMA may move in the last bit)
+        trained = _gather(state.params)
+        ema = {name: ema[name] if name in ("decoder", "post_quant_conv") else trained[name]
+               for name in ema}
       if jax.process_index() == 0:
-        calibration = _calibration_images(config, dataset) if config.stage == "vae" else None
+        # a frozen encoder keeps the loaded VAE's scaling factor (its latents are the same)
+        calibration = (_calibration_images(config, dataset)
+                       if config.stage == "vae" and not decoder_only else None)
         export = jobs.export(dataclasses.replace(job, frozen_params=frozen_host), ema,
                              workdir / "export", calibration)
         console.print(f"exported {export}")

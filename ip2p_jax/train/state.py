@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -49,10 +50,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
   from ip2p_jax.adapters.training import Customization
   custom = Customization.from_config(config)
-  if custom is None:
-    return adamw
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                               custom.label_tree)
+  frozen = {"train": adamw, "frozen": optax.set_to_zero()}
+  if custom is not None:
+    return optax.multi_transform(frozen, custom.label_tree)
+  if config.stage == "vae" and config.get("vae_train", "all") != "all":
+    if config.vae_train != "decoder":
+      raise ValueError(f"vae_train must be 'all' or 'decoder', got {config.vae_train!r}")
+    return optax.multi_transform(frozen, vae_decoder_labels)
+  return adamw
+
+
+def vae_decoder_labels(params) -> Any:
+  """"train" on the VAE's decoder and ``post_quant_conv``, "frozen" on the encoder and
+  ``quant_conv`` (whose weights would otherwise still move by AdamW's weight decay)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # a logical-axis box is one leaf
+  return {name: jax.tree.map(lambda _, label=("train" if name in ("decoder", "post_quant_conv")
+                                                 else "frozen"): label, tree, is_leaf=is_box)
+          for name, tree in params.items()}
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
