@@ -19,6 +19,7 @@ train() {  # stage, extra flags...
 [ -d "$RUNS/data/shapes_world" ] ||
   python -m ip2p_jax.cli data shapes --out "$RUNS/data" --num 12000 --heldout 256 --size 128
 train vae "$@"
+train vae_decoder "$@"
 train clip "$@"
 [ -f "$RUNS/latents/train.arrayrecord" ] || python scripts/build_latent_cache.py
 train t2i "$@"

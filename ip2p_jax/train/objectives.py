@@ -132,7 +132,9 @@ def object_weights(object_mask: jax.Array, weight: float) -> jax.Array:
   the others intact (measured on the bundled model: the instruction changed the named
   object no more than the others, and background edits lost the objects). Every local
   edit's region lies inside the mask. Not in the paper (its synthesized pairs have no
-  masks): a lever for small budgets on data with exact object masks."""
+  masks): a lever for small budgets on data with exact object masks. Measured on the
+  default model (weight 10, 750 steps on from its stage-2 step 6500): recolour stayed
+  at 0 and PSNR outside the edit fell from 20.1 to 16.7 dB, so its recipe leaves it off."""
   w = 1.0 + weight * object_mask.astype(jnp.float32)
   return w / jnp.mean(w, axis=(1, 2), keepdims=True)
 
