@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
   show.add_argument("dataset", help="a dataset folder")
   show.add_argument("--split", default="train", help="which split")
   show.add_argument("--num", type=int, default=8, help="examples on the sheet")
-  show.add_argument("-o", "--output", help="PNG path (default: DATASET/contact_sheet.png)")
+  show.add_argument("-o", "--output", help="PNG path (default: DATASET/contact_sheet.png, "
+                    "contact_sheet_SPLIT.png for another split)")
   show.set_defaults(run=run_show)
 
   cache = s.add_parser("cache", help="precompute VAE latents and text embeddings", **kw,
@@ -124,7 +125,8 @@ def run_show(args) -> int:
     source = builders.open_split(folder, args.split)
   except (FileNotFoundError, ValueError, KeyError) as e:
     return fail(str(e))
-  out = args.output or os.path.join(folder, f"contact_sheet_{args.split}.png")
+  name = "contact_sheet.png" if args.split == "train" else f"contact_sheet_{args.split}.png"
+  out = args.output or os.path.join(args.dataset, name)
   save(contact_sheet(source, args.num), out)
   print(f"{len(source)} examples in {args.split}; contact sheet: {out}")
   return 0
