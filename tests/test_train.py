@@ -282,3 +282,16 @@ def test_unknown_config_override_is_an_error(tmp_path):
   r = _run("scripts/train.py", "--config=configs/tiny_ip2p.py", f"--workdir={tmp_path}",
            "--config.not_a_key=3")
   assert r.returncode != 0 and "not_a_key" in r.stderr
+
+
+def test_examples_per_s_counts_training_steps_only(shapes_dataset, tmp_path, monkeypatch):
+  """Writing samples (here made to take 2 s after every step) is left out of the logged
+  examples/s: with it counted, no step could log more than batch / 2 s."""
+  from ip2p_jax.train import loop
+  monkeypatch.setattr(loop._Samples, "write", lambda *args, **kwargs: time.sleep(2.0))
+  config = _config("vae", shapes_dataset, total_steps=4, log_every=2, sample_every=1)
+  train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  rates = [l["examples_per_s"] for l in lines if "examples_per_s" in l]
+  assert len(rates) == 2
+  assert min(rates) > config.batch_size / 1.0, rates  # a step here takes well under 1 s
