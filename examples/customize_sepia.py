@@ -22,7 +22,8 @@ Stages (each skipped when its output exists, so a rerun resumes; ``--fresh`` red
 The settings are the ones the README reports; change them with the flags. Measured on
 the bundled model (README, "Customization"): without the prior examples sepia rose from
 6% to 70% of 50 held-out edits but the original edit types fell from 29.5% to 9.0% (the
-adapter turned most edits sepia); with them (the defaults) sepia 40%, originals 17.0%.
+adapter turned most edits sepia); with them (the defaults) sepia 40%, originals 17.0%;
+attention-only targets, 300 steps, with them: 30% and 22.0%.
 """
 import argparse
 import hashlib
