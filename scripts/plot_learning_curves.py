@@ -1,7 +1,8 @@
 """The default model's learning curves: held-out edit success and PSNR outside the
 edited region (``eval/...`` records of metrics.jsonl) against training step, for stage 2
 from the stage-1 UNet and from a random UNet (the paper's claim that stage 1 matters),
-and, where its folder is kept, the earlier run on SD's schedule (nonzero terminal SNR).
+and, where their folders are kept, the earlier run on SD's schedule (nonzero terminal
+SNR) and the object-weighted continuation (``focus``, 64 held-out edits per point).
 
   python scripts/plot_learning_curves.py [--runs runs/default] [-o examples/default_model_learning_curves.png]
 """
@@ -16,8 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = (("success", "all edits"), ("success/recolor", "recolour"),
           ("success/background", "background"))
-RUNS = (("ip2p", "from stage 1", "-"), ("scratch", "from a random UNet", "--"),
-        ("ip2p_leak", "SD schedule (signal leak)", ":"))
+# (folder, label, line style, step offset: a run continued from another's export)
+RUNS = (("ip2p", "from stage 1", "-", 0), ("scratch", "from a random UNet", "--", 0),
+        ("ip2p_leak", "SD schedule (signal leak)", ":", 0),
+        ("focus", "objects weighed up, from step 6500 (not kept)", "-.", 6500))
 
 
 def read_evals(path: str) -> list[dict]:
@@ -32,18 +35,19 @@ def main():
   args = parser.parse_args()
   fig, (ax, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for run, label, style in RUNS:
+  for run, label, style, offset in RUNS:
     path = os.path.join(args.runs, run, "metrics.jsonl")
     if not os.path.isfile(path):
       continue
     records = read_evals(path)
     for (key, name), color in zip(CURVES, colors):
-      points = [(r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
+      points = [(r["step"] + offset, r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
       if points:
         steps, values = zip(*points)
         ax.plot(steps, values, style, color=color, marker="o", markersize=3,
                 label=f"{name}, {label}")
-    points = [(r["step"], r["eval/psnr_outside"]) for r in records if "eval/psnr_outside" in r]
+    points = [(r["step"] + offset, r["eval/psnr_outside"]) for r in records
+              if "eval/psnr_outside" in r]
     if points:
       steps, values = zip(*points)
       ax_psnr.plot(steps, values, style, color="k", marker="o", markersize=3, label=label)
@@ -51,7 +55,7 @@ def main():
   ax.set_ylabel("held-out success")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", ncol=2)
   ax.set_title("held-out edit success")
   ax_psnr.set_xlabel("stage-2 training step (batch 32)")
   ax_psnr.set_ylabel("PSNR outside the edited region (dB)")
