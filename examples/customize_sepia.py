@@ -121,32 +121,31 @@ print("model:", model, hashes)
 # %% 2. Five examples of the new edit
 from ip2p_jax.data import shapes  # noqa: E402
 
-data = os.path.join(out, "data")
 size = json.load(open(os.path.join(model, "unet", "config.json")))["sample_size"] * 8
-if not os.path.isfile(os.path.join(data, "metadata.jsonl")):
-  os.makedirs(data, exist_ok=True)
-  lines = []
-  for i in range(args.examples):
-    ex = shapes.generate(0, i, size, "train", edit_types=("sepia",))
-    Image.fromarray(ex.input_image).save(os.path.join(data, f"{i}_in.png"))
-    Image.fromarray(ex.edited_image).save(os.path.join(data, f"{i}_out.png"))
-    lines.append(json.dumps({"input_image": f"{i}_in.png", "edited_image": f"{i}_out.png",
-                             "instruction": ex.instruction}))
-  with open(os.path.join(data, "metadata.jsonl"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
 
-if args.prior_examples and not os.path.isfile(os.path.join(out, "prior", "metadata.jsonl")):
-  prior = os.path.join(out, "prior")
-  os.makedirs(prior, exist_ok=True)
+
+def write_examples(folder: str, count: int, edit_types=shapes.EDIT_TYPES) -> None:
+  """``count`` shapes-world training examples (seed 0) as an ``ip2p customize`` folder;
+  metadata.jsonl last and atomically, so a killed run rewrites the folder."""
+  if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+    return
+  os.makedirs(folder, exist_ok=True)
   lines = []
-  for i in range(args.prior_examples):
-    ex = shapes.generate(0, i, size, "train")
-    Image.fromarray(ex.input_image).save(os.path.join(prior, f"{i}_in.png"))
-    Image.fromarray(ex.edited_image).save(os.path.join(prior, f"{i}_out.png"))
+  for i in range(count):
+    ex = shapes.generate(0, i, size, "train", edit_types=edit_types)
+    Image.fromarray(ex.input_image).save(os.path.join(folder, f"{i}_in.png"))
+    Image.fromarray(ex.edited_image).save(os.path.join(folder, f"{i}_out.png"))
     lines.append(json.dumps({"input_image": f"{i}_in.png", "edited_image": f"{i}_out.png",
                              "instruction": ex.instruction}))
-  with open(os.path.join(prior, "metadata.jsonl"), "w", encoding="utf-8") as f:
+  with open(os.path.join(folder, "metadata.jsonl.tmp"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
+  os.replace(os.path.join(folder, "metadata.jsonl.tmp"), os.path.join(folder, "metadata.jsonl"))
+
+
+data, prior = os.path.join(out, "data"), os.path.join(out, "prior")
+write_examples(data, args.examples, edit_types=("sepia",))
+if args.prior_examples:
+  write_examples(prior, args.prior_examples)
 
 # %% 3. Customize
 adapter = os.path.join(out, "sepia.safetensors")
@@ -155,7 +154,7 @@ customize_cmd = IP2P + ["customize", "--data", data, "--method", args.method, "-
                         args.targets, "--rank", str(args.rank), "--lr", str(args.lr),
                         "--steps", str(args.steps), "--base", model, "--out", adapter]
 if args.prior_examples:
-  customize_cmd += ["--prior", os.path.join(out, "prior"), "--prior-weight",
+  customize_cmd += ["--prior", prior, "--prior-weight",
                     str(args.prior_weight)]
 if not args.warm_cache:
   customize_cmd.append("--no-compilation-cache")

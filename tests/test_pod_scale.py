@@ -315,10 +315,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(
   resumed, fresh = np.load(resumed_run.outs[0]), np.load(fresh_run.outs[0])
   names = [k for k in fresh.files if not k.startswith("__")]
   assert names and sorted(names) == sorted(k for k in resumed.files if not k.startswith("__"))
-  # Bit-for-bit is the goal (single-process resume is bitwise: tests/test_train.py), but
-  # across two CPU processes the resumed parameters were measured 3e-6..1e-5 (relative)
-  # away from the uninterrupted run's on a heavily loaded 2-core machine, cause not yet
-  # found; until it is, two steps after the resume must agree to 1e-4 relative.
+  # Not bit for bit (single-process resume is: tests/test_train.py): across two CPU
+  # processes the resumed parameters were measured 3e-6..1e-5 (relative) away from the
+  # uninterrupted run's on a heavily loaded 2-core machine, cause unknown (issue 14 is
+  # open on it), so two steps after the resume must agree to 1e-4 relative.
   for k in names:
     np.testing.assert_allclose(resumed[k], fresh[k], rtol=1e-4, atol=1e-6, err_msg=k)
 

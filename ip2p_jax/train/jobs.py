@@ -63,6 +63,12 @@ def _dict(value) -> dict:
   return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
+def _module_of(folder: str, **kw):
+  """The module a component folder's config.json describes (its weights not read)."""
+  with paths.open(os.path.join(resolve(folder), "config.json"), encoding="utf-8") as f:
+    return module_from_config(json.load(f), **kw)
+
+
 def _random_params(module, key):
   return module.init(key, *module.dummy_inputs())["params"]
 
@@ -131,8 +137,7 @@ def build(config, place: Callable | None = None) -> Job:
     load = None
     if m.init_from:
       unet_dir = os.path.join(resolve(m.init_from), "unet")
-      with paths.open(os.path.join(unet_dir, "config.json"), encoding="utf-8") as f:
-        stored = module_from_config(json.load(f), **unet_kw)
+      stored = _module_of(unet_dir, **unet_kw)
       latent = frozen_modules["vae"].config.latent_channels
       want = 2 * latent if stage == "instruct_pix2pix" else latent
       module = stored if stored.config.in_channels == want else stored.clone(
@@ -178,7 +183,7 @@ def build(config, place: Callable | None = None) -> Job:
   if stage == "vae":
     load = None
     if m.vae_from:  # continue a trained VAE (its config, scaling factor included)
-      module, _ = load_component(m.vae_from, **kw)
+      module = _module_of(m.vae_from, **kw)
       load = lambda: load_component(m.vae_from, shardings=place, **kw)[1]
     else:
       module = module_from_config(_dict(m.vae), **kw)
