@@ -314,7 +314,7 @@ def train_and_evaluate(config, workdir) -> dict:
       decoder_only = config.stage == "vae" and config.get("vae_train", "all") == "decoder"
       if decoder_only:  # the encoder exactly as loaded (its EMA may move in the last bit)
         trained = _gather(state.params)
-        ema = {name: ema[name] if name in ("decoder", "post_quant_conv") else trained[name]
+        ema = {name: ema[name] if name in state_lib.VAE_DECODER else trained[name]
                for name in ema}
       if jax.process_index() == 0:
         # a frozen encoder keeps the loaded VAE's scaling factor (its latents are the same)

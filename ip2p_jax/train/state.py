@@ -50,21 +50,24 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
   from ip2p_jax.adapters.training import Customization
   custom = Customization.from_config(config)
-  frozen = {"train": adamw, "frozen": optax.set_to_zero()}
+  transforms = {"train": adamw, "frozen": optax.set_to_zero()}
   if custom is not None:
-    return optax.multi_transform(frozen, custom.label_tree)
+    return optax.multi_transform(transforms, custom.label_tree)
   if config.stage == "vae" and config.get("vae_train", "all") != "all":
     if config.vae_train != "decoder":
       raise ValueError(f"vae_train must be 'all' or 'decoder', got {config.vae_train!r}")
-    return optax.multi_transform(frozen, vae_decoder_labels)
+    return optax.multi_transform(transforms, vae_decoder_labels)
   return adamw
+
+
+VAE_DECODER = ("decoder", "post_quant_conv")  # what vae_train = "decoder" trains
 
 
 def vae_decoder_labels(params) -> Any:
   """"train" on the VAE's decoder and ``post_quant_conv``, "frozen" on the encoder and
   ``quant_conv`` (whose weights would otherwise still move by AdamW's weight decay)."""
   is_box = lambda x: isinstance(x, nn.Partitioned)  # a logical-axis box is one leaf
-  return {name: jax.tree.map(lambda _, label=("train" if name in ("decoder", "post_quant_conv")
+  return {name: jax.tree.map(lambda _, label=("train" if name in VAE_DECODER
                                                  else "frozen"): label, tree, is_leaf=is_box)
           for name, tree in params.items()}
 
