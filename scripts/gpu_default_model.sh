@@ -12,6 +12,11 @@
 # the whole window, `wide_t2i` for its first third and then `wide` from its export; each
 # run exported and evaluated (`ip2p eval --num 200`, the CLI's defaults). Results, logs and
 # the best runs' UNets (fp16) are packed into OUT (files of at most 15 MB).
+#
+# Every phase has its own time limit and the timeline is written into OUT as it goes, so
+# a run stopped from outside still returns what it did. (The one lease so far, 2026-11-27,
+# ran this script once for 600 s and returned no output at all: cause unknown, the device
+# check at the top was added after it.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-540}
@@ -24,14 +29,9 @@ TRAIN_CFG=configs/default_model_gpu.py
 mkdir -p "$OUT" "$RUNS/logs"
 T0=$(date +%s)
 now() { echo $(( $(date +%s) - T0 )); }
-log() { echo "[$(now)s] $*" | tee -a "$RUNS/logs/timeline.txt"; }
+log() { echo "[$(now)s] $*" | tee -a "$RUNS/logs/timeline.txt" "$OUT/timeline.txt"; }
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 
-train() {  # stage, extra flags...
-  local stage=$1; shift
-  python scripts/train.py --config="$TRAIN_CFG:$stage" --workdir="$RUNS/$stage" $TRAIN_FLAGS "$@" \
-    >>"$RUNS/logs/$stage.log" 2>&1
-}
 last_step() { ls "$RUNS/$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1; }
 timed_train() {  # stage, seconds: train until SIGTERM at the deadline, then export
   local stage=$1 seconds=$2
@@ -41,16 +41,19 @@ timed_train() {  # stage, seconds: train until SIGTERM at the deadline, then exp
     --workdir="$RUNS/$stage" $TRAIN_FLAGS >>"$RUNS/logs/$stage.log" 2>&1
   local step; step=$(last_step "$stage")
   log "$stage stopped at step ${step:-none}; exporting"
-  [ -n "$step" ] && train "$stage" --config.total_steps="$step" --config.eval_every=0
+  [ -n "$step" ] && timeout 120 python scripts/train.py --config="$TRAIN_CFG:$stage" \
+    --workdir="$RUNS/$stage" $TRAIN_FLAGS --config.total_steps="$step" --config.eval_every=0 \
+    >>"$RUNS/logs/$stage.log" 2>&1
   log "$stage exported: $(ls "$RUNS/$stage/export" 2>/dev/null | tr '\n' ' ')"
 }
 
-log "devices: $(python -c 'import jax; print(jax.devices())' 2>&1 | tail -1)"
-python -c 'import jax, flax, optax, orbax.checkpoint as o, grain; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
+log "start"
+log "devices: $(timeout 120 python -c 'import jax; print(jax.devices())' 2>&1 | tail -1)"
+log "$(timeout 60 python -c 'import jax, flax, optax, orbax.checkpoint, grain; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1 | tail -1)"
 
 # 1. Shapes data on the CPU; GPU benchmarks beside it until the latent cache is done.
 log "data"
-python -m ip2p_jax.cli data shapes --out "$RUNS/data" --num "$NUM" --heldout 256 \
+timeout 240 python -m ip2p_jax.cli data shapes --out "$RUNS/data" --num "$NUM" --heldout 256 \
   --size 128 >"$RUNS/logs/data.log" 2>&1 &
 DATA=$!
 ( [ -n "${SKIP_BENCH:-}" ] && exit
@@ -62,7 +65,7 @@ BENCH=$!
 wait $DATA; log "data done (rc $?)"
 
 # 2. Latent cache of the triplets with the bundled VAE and text encoder.
-python scripts/build_latent_cache.py --config "$TRAIN_CFG:wide_t2i" --batch-size 256 \
+timeout 180 python scripts/build_latent_cache.py --config "$TRAIN_CFG:wide_t2i" --batch-size 256 \
   >"$RUNS/logs/cache.log" 2>&1
 log "latent cache done (rc $?)"
 kill $BENCH 2>/dev/null; pkill -f "benchmarks/gpu_" ; wait $BENCH 2>/dev/null
@@ -73,6 +76,7 @@ EVAL_TIME=110
 WINDOW=$(( BUDGET - $(now) - EVAL_TIME ))
 T2I=$(( WINDOW / 3 ))
 log "training window ${WINDOW}s"
+[ "$WINDOW" -gt 60 ] || { log "no time left to train"; exit 1; }
 timed_train cont "$WINDOW" & A=$!
 timed_train wide_scratch "$WINDOW" & B=$!
 ( timed_train wide_t2i "$T2I"
@@ -99,7 +103,7 @@ print('all', f(o['success']), 'psnr', f(o['psnr']), 'outside', f(o['psnr_outside
 done
 
 # 5. Pack: logs, metrics, eval reports and sheets; the UNets in fp16.
-python - "$RUNS" "$OUT" <<'EOF' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
+timeout 60 python - "$RUNS" "$OUT" <<'EOF' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
 import os, sys, numpy as np
 from ip2p_jax.checkpoints import load_component, save_component
 runs, out = sys.argv[1:]
