@@ -37,10 +37,15 @@ FSDP_RULES = [
     ["norm", None], ["vocab", "tensor"], ["position", None], ["length", None],
 ]
 
+# The original's scheduler_config.json (timbrooks/instruct-pix2pix). Its DDIM/PNDM keys
+# matter when a user switches samplers: without "clip_sample": false, diffusers' (and so
+# our) DDIM and DDPM take their class default True and clip the predicted latent to
+# [-1, 1], which wrecks any latent model's output.
 IP2P_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler",
                   "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                   "num_train_timesteps": 1000, "prediction_type": "epsilon",
-                  "timestep_spacing": "leading", "steps_offset": 1}
+                  "timestep_spacing": "leading", "steps_offset": 1, "clip_sample": False,
+                  "set_alpha_to_one": False, "skip_prk_steps": True}
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -84,3 +84,40 @@ def test_bad_scheduler_options_are_named():
     ScheduleConfig.from_dict({}, "dpm_fast")
   with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
     noise_levels(ScheduleConfig(), "euler", 0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_a_config_without_clip_sample_clips_like_diffusers_and_warns(sampler):
+  """Another class's config switched to DDIM/DDPM takes diffusers' class default
+  ``clip_sample=True`` (as ``DDIMScheduler.from_config`` does), which clips a latent
+  model's predictions to [-1, 1]: we follow diffusers and say so in a warning. With
+  ``clip_sample: false`` in the config, nothing is clipped and nothing is said."""
+  cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}[sampler]
+  raw = {"_class_name": "EulerAncestralDiscreteScheduler", **BASE[0]}
+  with pytest.warns(UserWarning, match="clip_sample"):
+    ours = ScheduleConfig.from_dict(raw, sampler)
+  assert ours.clip_sample == cls.from_config(raw).config.clip_sample is True
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ours = ScheduleConfig.from_dict({**raw, "clip_sample": False}, sampler)
+  assert ours.clip_sample == cls.from_config({**raw, "clip_sample": False}).config.clip_sample
+  assert ours.clip_sample is False
+
+
+def test_shipped_scheduler_configs_do_not_clip_latents():
+  """The configs our training writes (``configs.common.IP2P_SCHEDULER``, every stage's
+  scheduler) and both bundled models' say ``clip_sample: false``, so a user who picks
+  DDIM or DDPM gets no clipping of latents."""
+  import json
+  import os
+
+  from configs.common import IP2P_SCHEDULER
+  from configs.default_model import SCHEDULER
+  from ip2p_jax import bundled
+  folders = [bundled.DEFAULT_MODEL, bundled.DEFAULT_T2I]
+  raws = [IP2P_SCHEDULER, SCHEDULER] + [
+      json.load(open(os.path.join(f, "scheduler", "scheduler_config.json"))) for f in folders]
+  for raw in raws:
+    for sampler in ("ddim", "ddpm"):
+      assert ScheduleConfig.from_dict(raw, sampler).clip_sample is False, raw

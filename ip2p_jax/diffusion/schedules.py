@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -153,6 +154,14 @@ class ScheduleConfig:
         raw.pop(key, None)
     if sampler == "pndm" and not own_class:
       raw["skip_prk_steps"] = True  # the name "pndm" means PLMS
+    if (sampler in ("ddim", "ddpm") and not own_class and "clip_sample" not in raw
+        and _CLASS_DEFAULTS[sampler]["clip_sample"]):
+      warnings.warn(
+          f"scheduler: the model's config does not set 'clip_sample', so {sampler} takes "
+          "diffusers' class default (True) and clips every predicted latent to [-1, 1], "
+          "which ruins a latent model's output; add \"clip_sample\": false to its "
+          "scheduler_config.json (Stable Diffusion's and InstructPix2Pix's have it)",
+          stacklevel=3)
     raw = {**_CLASS_DEFAULTS[sampler], **raw, **_FORCED.get(sampler, {})}
     config = parse_config(cls, raw, component="scheduler", unsupported=cls.UNSUPPORTED,
                           ignored=cls.IGNORED)
