@@ -47,6 +47,10 @@ parser.add_argument("--out", default="sepia_example", help="output folder")
 parser.add_argument("--model", default=None, help="editor folder (default: the bundled one)")
 parser.add_argument("--method", default="lora", choices=["lora", "custom_diffusion"])
 parser.add_argument("--targets", default="to_q,to_k,to_v,to_out_0,ff,conv")
+parser.add_argument("--token", action="append", default=[],
+                    help="ip2p customize --token (repeatable); '--token sepia' makes the word "
+                         "one new token whose row trains (the base splits it in two pieces)")
+parser.add_argument("--init", action="append", default=[], help="ip2p customize --init")
 parser.add_argument("--rank", type=int, default=8)
 parser.add_argument("--lr", type=float, default=4e-3)
 parser.add_argument("--steps", type=int, default=150, help="customization steps")
@@ -153,6 +157,10 @@ timing = os.path.join(out, "customize.json")
 customize_cmd = IP2P + ["customize", "--data", data, "--method", args.method, "--targets",
                         args.targets, "--rank", str(args.rank), "--lr", str(args.lr),
                         "--steps", str(args.steps), "--base", model, "--out", adapter]
+for token in args.token:
+  customize_cmd += ["--token", token]
+for word in args.init:
+  customize_cmd += ["--init", word]
 if args.prior_examples:
   customize_cmd += ["--prior", prior, "--prior-weight",
                     str(args.prior_weight)]

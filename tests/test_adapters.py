@@ -100,6 +100,38 @@ def test_custom_diffusion_changes_only_cross_attention_kv_and_new_token_rows(tra
   assert np.isfinite(result["loss"])
 
 
+def test_custom_diffusion_with_targets_none_trains_only_its_token(folder, data, base, tmp_path):
+  """``targets="none"``: textual inversion (Gal et al. 2022) inside Custom Diffusion. The
+  UNet is bitwise the base's, the file holds the token row and no layer, and a prompt
+  without the token edits exactly as the base does, with the adapter loaded; a prompt
+  with it edits differently (its row trained away from the initializer's)."""
+  from ip2p_jax import InstructPix2PixPipeline
+  out = str(tmp_path / "ti.safetensors")
+  settings = runner.Settings("custom_diffusion", steps=2, learning_rate=1e-1, targets="none",
+                             tokens=("<new1>",), initializer=("red",))
+  result = runner.customize(folder, data[0], out, settings, progress=False)
+  before, after = _flat(base.params["unet"]), _flat(result["state"].params["unet"])
+  assert before.keys() == after.keys()
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+  adapter = files.load(out)
+  assert adapter.paths() == [] and adapter.tokens.names == ["<new1>"]
+  red = tokens.initial_rows(base.tokenizer, base.params["text_encoder"], ["red"])[0]
+  assert not np.allclose(adapter.tokens.embeddings[0], red)
+  pipe = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  pipe.set_progress_bar_config(disable=True)
+  image = np.random.default_rng(3).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+  kw = dict(num_inference_steps=2, seed=0, output_type="np")
+  base_plain = pipe("make it red", image, **kw).images
+  base_token = pipe("make it red <new1>", image, **kw).images
+  pipe.load_adapter(out)
+  np.testing.assert_array_equal(pipe("make it red", image, **kw).images, base_plain)
+  assert not np.array_equal(pipe("make it red <new1>", image, **kw).images, base_token)
+  with pytest.raises(ValueError, match="trains only new tokens"):
+    runner.customize(folder, data[0], str(tmp_path / "x.safetensors"),
+                     runner.Settings("custom_diffusion", steps=1, targets="none"),
+                     progress=False)
+
+
 def test_lora_changes_only_its_adapters(trained_lora, base):
   _, result = trained_lora
   params = result["state"].params

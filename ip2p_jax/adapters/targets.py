@@ -23,10 +23,14 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out_0")
 TARGETS = ATTENTION + ("ff", "conv")
 
 
-def parse(targets: str | Iterable[str]) -> tuple[str, ...]:
-  """``"to_k,to_v"`` (or a sequence) -> ``("to_k", "to_v")``, checked against TARGETS."""
+def parse(targets: str | Iterable[str], allow_none: bool = False) -> tuple[str, ...]:
+  """``"to_k,to_v"`` (or a sequence) -> ``("to_k", "to_v")``, checked against TARGETS.
+  ``"none"`` -> ``()`` where ``allow_none`` (Custom Diffusion training only its new
+  tokens: textual inversion)."""
   names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
   names = [n for n in names if n]
+  if allow_none and names == ["none"]:
+    return ()
   bad = [n for n in names if n not in TARGETS]
   if bad or not names:
     raise ValueError(f"adapter targets {bad or names!r}: choose from {', '.join(TARGETS)}")

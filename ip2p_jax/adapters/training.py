@@ -59,10 +59,14 @@ class Customization:
     if method not in METHODS:
       raise ValueError(f"customize.method must be one of {METHODS} (or '' for none), "
                        f"got {method!r}")
-    targets = targets_lib.parse(c.get("targets") or DEFAULT_TARGETS[method])
+    targets = targets_lib.parse(c.get("targets") or DEFAULT_TARGETS[method],
+                                allow_none=method == "custom_diffusion")
     if method == "custom_diffusion":
       cd.select({}, targets)  # raises on non-attention targets
     names, words = tuple(_split(c.get("tokens", ""))), tuple(_split(c.get("initializer", "")))
+    if not targets and not names:
+      raise ValueError("customize.targets 'none' trains only new tokens (textual inversion, "
+                       "Gal et al. 2022): give customize.tokens")
     if names and len(words) not in (1, len(names)):
       raise ValueError(f"customize.initializer: one word, or one per token ({len(names)}); "
                        f"got {list(words)}")

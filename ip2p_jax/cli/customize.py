@@ -49,7 +49,9 @@ def add_parser(sub) -> None:
   p.add_argument("--targets", default="",
                  help="comma-separated layers: to_q,to_k,to_v,to_out_0 (attention), ff, conv "
                       "(default: to_k,to_v for custom_diffusion; to_q,to_k,to_v,to_out_0 "
-                      "for lora)")
+                      "for lora); 'none' with custom_diffusion and --token: only the new "
+                      "tokens train (textual inversion), so prompts without them edit "
+                      "exactly as the base does")
   p.add_argument("--prior", action="append", default=[], metavar="DIR",
                  help="regularisation examples (prior preservation; repeatable)")
   p.add_argument("--prior-weight", type=float, default=1.0, help="weight of --prior's loss")
