@@ -14,8 +14,7 @@ but this repository travels to the accelerator.
   python scripts/train.py --config=configs/default_model_gpu.py:cont --workdir=runs/gpu/cont
 """
 from configs import default_model
-
-BUNDLED = "ip2p_jax/assets/default_model"
+from ip2p_jax.bundled import DEFAULT_MODEL as BUNDLED
 RUNS = "runs/gpu"
 LATENTS = f"{RUNS}/latents/train.arrayrecord"
 WIDE_UNET = {**default_model.UNET, "block_out_channels": [96, 128, 128],

@@ -221,3 +221,36 @@ def test_eval_every_logs_held_out_success_per_edit_type(shapes_dataset, tmp_path
     assert 0.0 <= record["eval/success"] <= 1.0
     assert all(f"eval/success/{t}" in record for t in types)
   assert sorted(os.listdir(tmp_path / "eval")) == ["step_0000002.png", "step_0000004.png"]
+
+
+def test_the_gpu_recipe_builds_on_the_bundled_model():
+  """``configs/default_model_gpu.py`` (``scripts/gpu_default_model.sh``): every stage
+  takes its encoders from the bundled editor, ``cont`` continues the bundled UNet and
+  matches its in/out channels, and the bigger UNet of the other stages is a valid
+  InstructPix2Pix UNet (16 -> 8 channels; 8 -> 8 for stage 1) with cross-attention at
+  all three levels, so the one GPU run cannot fail on a config."""
+  import json
+  import os
+
+  import jax
+  import jax.numpy as jnp
+
+  from configs import default_model_gpu
+  from ip2p_jax.checkpoints import module_from_config
+  stages = {s: default_model_gpu.get_config(s) for s in default_model_gpu.STAGES}
+  for c in stages.values():
+    for name in ("vae", "text_encoder", "tokenizer"):
+      assert os.path.isdir(c.model[f"{name}_from"]), c.model[f"{name}_from"]
+  bundled_unet = json.load(open(os.path.join(stages["cont"].model.init_from, "unet",
+                                             "config.json")))
+  assert (bundled_unet["in_channels"], bundled_unet["out_channels"]) == (16, 8)
+  assert stages["wide"].model.init_from.endswith("wide_t2i/export")
+  for stage, channels in (("wide_t2i", 8), ("wide_scratch", 16)):
+    raw = dict(stages[stage].model.unet)
+    assert raw["in_channels"] == channels and raw["out_channels"] == 8
+    assert all(b.startswith("CrossAttn") for b in raw["down_block_types"] + raw["up_block_types"])
+    module = module_from_config(raw, dtype=jnp.float32, param_dtype=jnp.float32)
+    shapes = jax.eval_shape(lambda k: module.init(k, *module.dummy_inputs()), jax.random.key(0))
+    assert 8e6 < sum(x.size for x in jax.tree.leaves(shapes)) < 16e6  # about 2x the default
+  with pytest.raises(ValueError, match="stage must be one of"):
+    default_model_gpu.get_config("ip2p")
