@@ -11,12 +11,20 @@
 # GPU, each stopped by SIGTERM (the loop saves and exits) -- `cont` and `wide_scratch` for
 # the whole window, `wide_t2i` for its first third and then `wide` from its export; each
 # run exported and evaluated (`ip2p eval --num 200`, the CLI's defaults). Results, logs and
-# the best runs' UNets (fp16) are packed into OUT (files of at most 15 MB).
+# the UNets of `cont` and `wide` (fp16) are packed into OUT (files of at most 15 MB).
+#
+# On the lent accelerator (wheels in an ignored .whl/, see BENCHMARKS.md "The GPU path"):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site && mkdir -p /tmp/bin &&
+#   printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >/tmp/bin/python &&
+#   chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH &&
+#   timeout 560 env BUDGET=500 OUT=$OUT ./scripts/gpu_default_model.sh
 #
 # Every phase has its own time limit and the timeline is written into OUT as it goes, so
 # a run stopped from outside still returns what it did. (The one lease so far, 2026-11-27,
-# ran this script once for 600 s and returned no output at all: cause unknown, the device
-# check at the top was added after it.)
+# ran this script once for 600 s and returned no output at all, not even that of the
+# `python -c "import jax; print(jax.devices())"` run before it, so most likely JAX's
+# first GPU start never returned; the device check at the top now has a time limit.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-540}
