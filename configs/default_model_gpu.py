@@ -35,9 +35,7 @@ def get_config(stage="cont"):
   c.data.path = f"{RUNS}/data"  # built there by the script (same seed: the same triplets)
   c.data.latents = LATENTS
   c.data.worker_count = 4
-  c.batch_size = 256
-  c.learning_rate = 3e-4
-  c.warmup_steps = 100
+  c.batch_size = 256  # learning rate and warm-up: default_model's (3e-4, 100 steps)
   # Runs are stopped by the clock (SIGTERM saves), so the length is only an upper bound.
   c.total_steps = 100_000
   c.checkpoint_every = 1000
