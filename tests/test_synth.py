@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from ip2p_jax.data import shapes
+from ip2p_jax.metrics import scene_match
 from ip2p_jax.synth import prompt_to_prompt as p2p_lib
+from ip2p_jax.synth.instructions import parse_shapes_caption
 
 STEPS = 4
 # TINY_UNET's self-attentions per network call: down block 0 (1 layer), the mid block,
@@ -202,7 +204,7 @@ def test_engine_writes_the_original_folder_format(synthesized):
   assert list(lines) == [f"{i:07d}" for i in range(len(CAPTIONS))]
   seeds_json = json.load(open(os.path.join(out, "seeds.json")))
   report = json.load(open(os.path.join(out, "synth_report.json")))
-  kept_total = 0
+  kept_total, judged = 0, {True: 0, False: 0}
   for name, rows in lines.items():
     prompt = json.load(open(os.path.join(out, name, "prompt.json")))
     index = int(name)
@@ -221,6 +223,15 @@ def test_engine_writes_the_original_folder_format(synthesized):
       assert ("outranked" in r["rejected_by"]) == (r in passing and r not in best)
       for k in (0, 1):
         assert os.path.isfile(os.path.join(out, name, f"{r['seed']}_{k}.jpg")) == r["kept"]
+    # The colour judge's verdicts on shapes-world captions (none on the generic one).
+    before, after = (parse_shapes_caption(prompt["input"]), parse_shapes_caption(prompt["output"]))
+    for r in rows:
+      if before is None:
+        assert "follows_edit" not in r
+        continue
+      assert r["edit"] == getattr(scene_match.infer_edit(before, after), "kind", None)
+      assert r["follows_edit"] in (True, False, None) and r["depicts_input"] in (True, False, None)
+      judged[r["kept"]] += r["follows_edit"] is not None
     kept = sorted(r["seed"] for r in rows if r["kept"])
     kept_total += len(kept)
     assert ([name, kept] in seeds_json) == bool(kept)
@@ -229,6 +240,8 @@ def test_engine_writes_the_original_folder_format(synthesized):
   assert report["rejected_by"]["sim_direction"] > 0 and kept_total > 0  # the split is real
   assert report["rejected_by"]["sim_0"] == report["rejected_by"]["sim_image"] == 0
   assert len(seeds_json) < len(CAPTIONS)  # a prompt with no pair kept is not listed
+  assert report["colour_judge"]["kept"]["judged"] == judged[True]
+  assert report["colour_judge"]["rejected"]["judged"] == judged[False]
   assert os.path.isfile(os.path.join(out, "contact_sheet.png"))
 
 

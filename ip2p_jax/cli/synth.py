@@ -53,6 +53,10 @@ def _print_report(report: dict, out: str, sheet: str | None) -> None:
     print(f"  instructions rejected ({reason}): {n}")
   for name, n in report["rejected_by"].items():
     print(f"  rejected by {name}: {n}")
+  for kind, judge in report["colour_judge"].items():
+    if judge["judged"]:
+      print(f"  {kind} pairs that show their edit (colour judge, {judge['judged']} judged): "
+            f"{judge['follows_edit']:.1%}")
   if sheet:
     print(f"contact sheet: {sheet}")
 

@@ -7,7 +7,12 @@ reads::
     OUT/0000007/prompt.json      {"caption", "input", "edit", "output", "index"}
     OUT/0000007/{seed}_0.jpg     the first image of a kept pair, {seed}_1.jpg the second
     OUT/0000007/metadata.jsonl   one line per generated sample: seed, p, cfg_scale,
-                                 clip_sim_0/1/dir/image, kept, rejected_by
+                                 clip_sim_0/1/dir/image, kept, rejected_by, and for
+                                 shapes-world captions the colour judge's verdicts
+                                 (``metrics.scene_match``): edit (the change the two
+                                 captions differ by), follows_edit (the pair shows it;
+                                 null: not judged from colours), depicts_input (the first
+                                 image shows the caption; null under an effect)
     OUT/synth_config.json        the settings; a resumed run must use the same
     OUT/synth_report.json        counts (also returned and printed by ``ip2p synth``)
     OUT/contact_sheet.png        kept and rejected pairs of this run, labelled
@@ -31,9 +36,11 @@ import numpy as np
 from PIL import Image
 
 from ip2p_jax.atomic import TMP_PREFIX, atomic_write
+from ip2p_jax.metrics import scene_match
 from ip2p_jax.synth import prompt_to_prompt
 from ip2p_jax.synth.clip_filter import METADATA_KEYS, ClipFilter
 from ip2p_jax.synth.config import SynthConfig
+from ip2p_jax.synth.instructions import parse_shapes_caption
 
 SHEET_ROWS = 8  # kept and rejected pairs each on the contact sheet
 
@@ -86,20 +93,44 @@ class Report:
     self.counts = collections.Counter()
     self.instructions_rejected = collections.Counter()
     self.rejected_by = collections.Counter()
+    self.judged = {"kept": collections.Counter(), "rejected": collections.Counter()}
 
   def add_samples(self, lines: Sequence[dict]) -> None:
     self.counts["generated"] += len(lines)
     for line in lines:
-      self.counts["kept" if line["kept"] else "rejected"] += 1
+      kind = "kept" if line["kept"] else "rejected"
+      self.counts[kind] += 1
       for reason in line["rejected_by"]:
         self.rejected_by[reason] += 1
+      if line.get("follows_edit") is not None:
+        edit = line["edit"]
+        self.judged[kind][("judged", edit)] += 1
+        self.judged[kind][("followed", edit)] += int(line["follows_edit"])
+      if line.get("depicts_input") is not None:
+        self.judged[kind][("depicts_judged", "")] += 1
+        self.judged[kind][("depicts", "")] += int(line["depicts_input"])
+
+  def _judge_summary(self, kind: str) -> dict:
+    """Pairs the colour judge could read and the share that show their edit, overall and
+    per edit type, and the share of first images that show their caption."""
+    c = self.judged[kind]
+    edits = sorted({e for (what, e) in c if what == "judged"})
+    judged = sum(c[("judged", e)] for e in edits)
+    followed = sum(c[("followed", e)] for e in edits)
+    share = lambda k, n: round(k / n, 4) if n else None
+    return {"judged": judged, "follows_edit": share(followed, judged),
+            "per_edit": {e: {"judged": c[("judged", e)],
+                             "follows_edit": share(c[("followed", e)], c[("judged", e)])}
+                         for e in edits},
+            "depicts_input": share(c[("depicts", "")], c[("depicts_judged", "")])}
 
   def as_dict(self) -> dict:
     return {**{k: self.counts[k] for k in ("captions", "prompts", "resumed_prompts",
                                            "generated", "kept", "rejected")},
             "instructions_rejected": dict(sorted(self.instructions_rejected.items())),
             "rejected_by": {k: self.rejected_by[k] for k in
-                            list(METADATA_KEYS) + ["outranked"]}}
+                            list(METADATA_KEYS) + ["outranked"]},
+            "colour_judge": {k: self._judge_summary(k) for k in ("kept", "rejected")}}
 
 
 class Engine:
@@ -166,11 +197,16 @@ class Engine:
     edited = proposal.edited_caption
     seeds, p, scales, first, second = self.generate(caption, edited, index)
     sims, decision = self.filter(first, second, caption, edited)
+    scenes = parse_shapes_caption(caption), parse_shapes_caption(edited)
     lines = []
     for i, seed in enumerate(seeds):
       line = dict(seed=int(seed), p=float(p[i]), cfg_scale=float(scales[i]),
                   **{key: float(sims[name][i]) for name, key in METADATA_KEYS.items()},
                   kept=bool(decision.kept[i]), rejected_by=decision.reasons(i))
+      if None not in scenes:
+        verdict = scene_match.follows(first[i], second[i], *scenes)
+        line.update(edit=verdict["edit"], follows_edit=verdict["ok"],
+                    depicts_input=scene_match.depicts(first[i], scenes[0])["ok"])
       lines.append(line)
       kind = "kept" if line["kept"] else "rejected"
       if len(sheet[kind]) < SHEET_ROWS:
