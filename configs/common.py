@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every = 0               # 0: only at the end
   c.num_samples = 4                # examples on each sample sheet (0: no sample sheets)
   c.sample_steps = 10
-  c.eval_every = 0                 # IP2P: held-out shapes-world edit success every N steps
+  c.eval_every = 0                 # held-out shapes-world success every N steps: IP2P edits,
+                                   # or text-to-image captions judged by colour
   c.eval_num = 32
   c.eval_steps = 50                # the CLI's default sampling settings
   c.eval_seed = 0

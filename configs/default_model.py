@@ -111,6 +111,8 @@ def get_config(stage="ip2p"):
     c.stage = "text_to_image" if stage == "t2i" else "instruct_pix2pix"
     if stage == "ip2p":
       c.model.init_from = f"{RUNS}/t2i/export"
+    if c.stage == "text_to_image":  # 32 held-out captions drawn in 20 steps, judged by colour
+      c.eval_every, c.eval_num, c.eval_batch_size, c.eval_steps = 250, 32, 32, 20
     if c.stage == "instruct_pix2pix":
       # learning-curve evals: 32 held-out edits at 20 steps (~20 s); `ip2p eval` then
       # measures the installed model with the CLI's defaults (50 steps) on 200

@@ -8,6 +8,8 @@
   vae_psnr(pipe, images)        the VAE's reconstruction PSNR, the cap of every edit's
   heldout_examples, dataset_examples   where the examples come from (examples)
   markdown, sheet, sweep_*      reports for people (report)
+  scene_match                   layout-free colour judge of generated pictures against
+                                shapes-world captions and edits (text-to-image, synth)
 """
 from ip2p_jax.metrics.aggregate import CLIP_KEYS, scalars, summarize
 from ip2p_jax.metrics.clip_similarity import DEFAULT_CLIP, ClipSimilarity, similarities

@@ -331,12 +331,14 @@ def sampler(job: Job, steps: int, seed: int = 0, text_scale: float = 7.5,
   return run
 
 
-def sheet(stage: str, examples: list[dict], outputs: np.ndarray):
+def sheet(stage: str, examples: list[dict], outputs: np.ndarray,
+          headers: tuple[str, ...] | None = None):
   """A labelled PIL picture of what the model does on fixed examples: a header row
-  naming the columns, then per example its text (instruction or caption) above the
-  images (input | target | edit; training image | generated; input | reconstruction)."""
+  naming the columns (``headers``, default by stage), then per example its text
+  (instruction or caption) above the images (input | target | edit; training image |
+  generated; input | reconstruction)."""
   from PIL import Image, ImageDraw
-  headers = SHEET_HEADERS[stage]
+  headers = headers or SHEET_HEADERS[stage]
   outputs = (np.asarray(outputs) * 255).round().astype(np.uint8)
   rows = []
   for e, out in zip(examples, outputs):

@@ -252,7 +252,8 @@ def train_and_evaluate(config, workdir) -> dict:
     metrics, record = {}, {}
     finite, checked = jnp.array(True), [start]
     samples = _Samples(config, job, dataset, state_shardings.ema_params, frozen_shardings, mesh)
-    evaluate_every = (config.get("eval_every") or 0) if config.stage == "instruct_pix2pix" else 0
+    evaluate_every = (config.get("eval_every") or 0) if config.stage in (
+        "instruct_pix2pix", "text_to_image") else 0
     samples_every = config.get("sample_every") or 0
     eval_cache: dict = {}
     try:
@@ -414,14 +415,15 @@ def _calibration_images(config, dataset, count: int = 512) -> np.ndarray:
 
 
 def _evaluate(config, job, state, frozen, step, workdir, cache: dict) -> dict:
-  """Held-out edit success of the EMA model during training (``eval_every``): the first
-  ``eval_num`` examples of the shapes world's held-out split at the training resolution,
-  edited with the CLI's default guidance and ``eval_steps`` steps and scored against their
-  exact targets (``ip2p_jax.metrics``). Returns the metrics logged as ``eval/...``; the
-  edits are drawn in ``WORKDIR/eval/step_N.png``. The pipeline (and so its compiled
-  sampler) is built once per run and kept in ``cache``."""
+  """Held-out success of the EMA model during training (``eval_every``), logged as
+  ``eval/...`` and drawn in ``WORKDIR/eval/step_N.png``. Stage 2: the first ``eval_num``
+  examples of the shapes world's held-out split at the training resolution, edited with
+  the CLI's default guidance and ``eval_steps`` steps and scored against their exact
+  targets (``ip2p_jax.metrics``). Stage 1: those examples' input captions drawn and
+  judged by colour (``metrics.scene_match``: background, object colours). The pipeline
+  (and so its compiled sampler) is built once per run and kept in ``cache``."""
   from ip2p_jax import metrics
-  from ip2p_jax.metrics import report
+  from ip2p_jax.metrics import report, scene_match
   ema = _gather(state.ema_params)
   if "frozen" not in cache:
     cache["frozen"] = _gather(frozen)
@@ -431,11 +433,20 @@ def _evaluate(config, job, state, frozen, step, workdir, cache: dict) -> dict:
     cache["pipe"] = jobs.pipeline(dataclasses.replace(job, frozen_params=cache["frozen"]), ema)
     cache["examples"] = metrics.heldout_examples(config.eval_num, config.data.resolution,
                                                  seed=config.eval_seed)
-  examples = cache["examples"]
-  result = metrics.evaluate(cache["pipe"], examples, num_inference_steps=config.eval_steps,
+  examples, pipe = cache["examples"], cache["pipe"]
+  picture = paths.path(workdir) / "eval" / f"step_{step:07d}.png"
+  if job.stage == "text_to_image":
+    pipe.set_params({**pipe.params, "unet": ema})
+    result = scene_match.text_to_image_match(
+        pipe, [e.input_scene for e in examples], num_inference_steps=config.eval_steps,
+        seed=config.eval_seed, batch_size=config.eval_batch_size)
+    shown = [{"caption": e.input_caption, "image": e.input_image} for e in examples[:16]]
+    paths.write_image(picture, jobs.sheet(job.stage, shown, result.pop("images")[:16] / 255.0,
+                                          headers=("the caption's scene", "generated")))
+    return {f"eval/t2i/{k}": v for k, v in result.items() if k != "num"}
+  result = metrics.evaluate(pipe, examples, num_inference_steps=config.eval_steps,
                             seed=config.eval_seed, batch_size=config.eval_batch_size,
-                            params={**cache["pipe"].params, "unet": ema})
+                            params={**pipe.params, "unet": ema})
   rows = report.sheet_rows([e.edit_type for e in examples], min(22, len(examples)))
-  paths.write_image(paths.path(workdir) / "eval" / f"step_{step:07d}.png",
-                    report.sheet(examples, result["outputs"], result["examples"], rows))
+  paths.write_image(picture, report.sheet(examples, result["outputs"], result["examples"], rows))
   return metrics.scalars(result)
