@@ -5,7 +5,7 @@
                                   the VAE, text encoder and tokenizer are the editor's
   ip2p_jax/assets/default_clip/   the CLIP (text + vision) of ``ip2p eval``'s CLIP metrics
 
-  python scripts/install_default_model.py [--runs runs/default]
+  python scripts/install_default_model.py [--runs runs/default] [--only t2i]
 """
 import argparse
 import json
@@ -35,15 +35,33 @@ def _replace(folder: str, write) -> None:
   print(f"installed {folder}")
 
 
+def _check_same_encoders(t2i) -> None:
+  """The bundled text-to-image model borrows the editor's VAE and text encoder: refuse a
+  stage-1 export trained with others."""
+  editor = load_pipeline(os.path.join(ASSETS, "default_model")) if os.path.isdir(
+      os.path.join(ASSETS, "default_model")) else None
+  if editor is None:
+    return
+  for name in ("vae", "text_encoder"):
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.float16(a), np.float16(b))),
+                        t2i.params[name], editor.params[name])
+    if not all(jax.tree.leaves(same)):
+      raise SystemExit(f"the stage-1 export's {name} differs from the bundled editor's")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", default="runs/default")
+  parser.add_argument("--only", choices=["t2i"],
+                      help="install only this part (a stage-1 run continued on its own)")
   args = parser.parse_args()
-  editor = load_pipeline(os.path.join(args.runs, "ip2p", "export"))
-  _replace(os.path.join(ASSETS, "default_model"),
-           lambda f: save_pipeline(f, editor, dtype=np.float16))
+  if args.only is None:
+    editor = load_pipeline(os.path.join(args.runs, "ip2p", "export"))
+    _replace(os.path.join(ASSETS, "default_model"),
+             lambda f: save_pipeline(f, editor, dtype=np.float16))
 
   t2i = load_pipeline(os.path.join(args.runs, "t2i", "export"))
+  _check_same_encoders(t2i)
 
   def write_t2i(folder):
     save_component(os.path.join(folder, "unet"), t2i.modules["unet"], t2i.params["unet"],
@@ -52,6 +70,8 @@ def main():
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
       json.dump(t2i.scheduler_config, f, indent=2)
   _replace(os.path.join(ASSETS, "default_t2i"), write_t2i)
+  if args.only:
+    return
 
   clip_module, clip_params = load_component(os.path.join(args.runs, "clip", "export", "clip"))
 
