@@ -57,6 +57,20 @@ def test_a_recolour_to_another_colour_fails(examples):
   assert failures >= 10
 
 
+def test_an_object_edit_that_repaints_the_background_fails(examples):
+  checked = 0
+  for e, before, after in examples:
+    if e.edit_type not in ("recolor", "add", "remove", "resize"):
+      continue
+    used = {o.color for o in e.edited_scene.objects} | {e.edited_scene.background}
+    other = next(c for c in shapes.COLORS if c not in used)
+    repainted, _ = shapes.render(dataclasses.replace(e.edited_scene, background=other), SIZE)
+    result = scene_match.follows(e.input_image, repainted, before, after)
+    assert result["ok"] is False and result["background_kept"] is False, e.instruction
+    checked += 1
+  assert checked >= 30
+
+
 def test_depicts_reads_background_and_object_colours(examples):
   for e, before, _ in examples[:60]:
     assert scene_match.depicts(e.input_image, before)["ok"] is True, e.input_caption

@@ -20,7 +20,8 @@ and for a pair (before, after) the change the two scene descriptions differ by
 (``infer_edit``): recolour (the new colour gained, and the old one lost where no other
 object keeps it, ``MIN_SHARE`` of the object's area), add / remove (the colour gained /
 lost), resize (the colour's area moved the right way by ``MIN_SHARE`` of the size
-change), background (the after picture's border), grayscale / invert / darken / flip
+change), each of these with the background kept (a repainted background would count as
+a gain of its colour), background (the after picture's border), grayscale / invert / darken / flip
 (the after picture is nearer the before picture with that effect applied than to the
 before picture itself). A reshape keeps every colour and is not judged (None), nor is a
 colour rule on a scene under a global effect.
@@ -178,26 +179,27 @@ def follows(before_image: np.ndarray, after_image: np.ndarray, before: shapes.Sc
   s0 = color_shares(before_image, before.background, before.style)
   s1 = color_shares(after_image, after.background, after.style)
   change = lambda c: float(s1[_NAMES.index(c)] - s0[_NAMES.index(c)])
-  left = _areas(after, size)
-  details = {"edit": edit.kind}
+  # An object edit must keep the background: a repainted one would also add its colour.
+  kept = background_color(after_image, after.style) == after.background
+  details = {"edit": edit.kind, "background_kept": bool(kept)}
   if edit.kind == "recolor":
     need = MIN_SHARE * area(edit.new, size)
     gained = change(edit.new.color) >= need
-    lost = edit.old.color in left or change(edit.old.color) <= -need
-    return {"ok": bool(gained and lost), **details, "gained": change(edit.new.color),
-            "lost": -change(edit.old.color)}
-  if edit.kind == "add":
-    return {"ok": bool(change(edit.new.color) >= MIN_SHARE * area(edit.new, size)), **details,
-            "gained": change(edit.new.color)}
-  if edit.kind == "remove":
-    return {"ok": bool(change(edit.old.color) <= -MIN_SHARE * area(edit.old, size)), **details,
-            "lost": -change(edit.old.color)}
-  # resize
-  delta = area(edit.new, size) - area(edit.old, size)
-  moved = change(edit.old.color)
-  return {"ok": bool(moved * np.sign(delta) >= MIN_SHARE * abs(delta)), **details, "moved": moved,
-          "expected": delta}
-
+    lost = edit.old.color in _areas(after, size) or change(edit.old.color) <= -need
+    ok, details["gained"], details["lost"] = (gained and lost, change(edit.new.color),
+                                              -change(edit.old.color))
+  elif edit.kind == "add":
+    ok = change(edit.new.color) >= MIN_SHARE * area(edit.new, size)
+    details["gained"] = change(edit.new.color)
+  elif edit.kind == "remove":
+    ok = change(edit.old.color) <= -MIN_SHARE * area(edit.old, size)
+    details["lost"] = -change(edit.old.color)
+  else:  # resize
+    delta = area(edit.new, size) - area(edit.old, size)
+    moved = change(edit.old.color)
+    ok = moved * np.sign(delta) >= MIN_SHARE * abs(delta)
+    details["moved"], details["expected"] = moved, delta
+  return {"ok": bool(ok and kept), **details}
 
 def text_to_image_match(pipe, scenes, *, num_inference_steps: int = 20,
                         guidance_scale: float = 7.5, seed: int = 0,
