@@ -10,8 +10,9 @@ the next step's input (the refinement loop the paper lists as missing).
     EditChain.load("chain.json").replay(pipe, images.load("other.png"), "other.png")
 
 A step's output depends only on its record (instruction, seed, scales, steps, sampler),
-its input image, the model and the chain's preparation (``resolution``, ``resize``,
-``dtype``): the noise is ``fold_in(key(seed), noise_id(name))``, as ``ip2p edit`` gives
+its input image, the model and the chain's preparation (``resolution``, ``resize``; the
+compute dtype is the pipeline's, and the chain's ``dtype`` records the one ``ip2p edit
+--chain`` loads the model with): the noise is ``fold_in(key(seed), noise_id(name))``, as ``ip2p edit`` gives
 an input file named ``name``, so step 1 of a chain is exactly ``ip2p edit name -p ...``
 and ``ip2p edit --chain chain.json name`` replays the whole chain. The JSON keeps each
 step's record and a hash of its output's pixels, so a replay can say whether it
@@ -51,7 +52,8 @@ class EditChain:
 
   ``name``: the source's file name, which fixes every step's noise (``ip2p edit``'s
   noise id of an input file of that name). ``model``: the id of the model that made
-  it (``ip2p edit``'s model hash), so a replay with another model can say so."""
+  it (``ip2p edit``'s model hash); recorded for people and for ``ip2p edit --chain``,
+  which warns when it replays with another model (``replay`` itself does not compare)."""
   source: Image.Image | None
   name: str = "image.png"
   resolution: int = 512
@@ -147,9 +149,11 @@ class EditChain:
 
   def run_on_files(self, pipe, inputs: Sequence[str], out_dir: str, *, batch_size: int = 1,
                    overwrite: bool = False, model: str | None = None, progress=None):
-    """The steps over image files, folders and globs into ``out_dir``: ``ip2p edit
-    --chain`` (each image's noise from its path relative to its folder; records,
-    manifest and resume as ``ip2p_jax.editing``). Returns the :class:`editing.Report`."""
+    """The steps over image files, folders and globs into ``out_dir``, as ``ip2p edit
+    --chain`` runs them (each image's noise from its path relative to its folder;
+    records, manifest and resume as ``ip2p_jax.editing``; the CLI also warns when its
+    model is not the chain's, which this does not check). Returns the
+    :class:`editing.Report`."""
     settings = self.settings(batch_size=batch_size, overwrite=overwrite)
     return editing.edit_files(pipe, inputs, out_dir, settings, model=model or self.model,
                               progress=progress)

@@ -161,8 +161,9 @@ class Session:
 
 class Demo:
   """The page's actions on a :class:`Session`, without Gradio (tests call them
-  directly): each returns the session and a status line, or raises :class:`EditError`
-  with the message the page shows."""
+  directly): each returns the session (``grid``: the picture), or raises
+  :class:`EditError` with the message the page shows; the page's handlers
+  (:func:`build_app`) write the status line."""
 
   def __init__(self, batcher: Batcher, model: str | None, default_sampler: str,
                max_pixels: int = MAX_PIXELS):

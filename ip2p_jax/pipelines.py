@@ -10,8 +10,9 @@ The prompts are encoded once per distinct text (:meth:`encode_prompt`); then one
 wrapper, and decodes. Image ``k``'s noise comes from ``fold_in(key(seed), k)`` (``k`` =
 its position in the caller's list, or ``image_ids``), so it never depends on batch
 composition. A per-step ``callback`` and the progress bar are host callbacks inside that
-loop. With several local devices the image batch is split over a ``data`` mesh axis;
-multi-host runs edit one slice per process.
+loop. With several local devices the image batch is split over a ``data`` mesh axis
+(this process's devices only); on several hosts ``ip2p_jax.editing`` (``ip2p edit``)
+gives each process its own slice of the inputs.
 """
 from __future__ import annotations
 

@@ -351,7 +351,7 @@ def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(tra
 def test_text_to_image_custom_diffusion_through_the_training_loop(shapes_dataset, tmp_path):
   """``config.customize`` in the ordinary training run (stage 1, tiny random models):
   the optimizer updates only the cross-attention to_k/to_v kernels and the token row,
-  samples are drawn from the merged model, and the export is the adapter file."""
+  the run writes its sample picture, and the export is the adapter file."""
   from configs import tiny_t2i
   from ip2p_jax import sharding
   from ip2p_jax.train import jobs

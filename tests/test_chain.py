@@ -162,6 +162,20 @@ def test_cli_replays_a_saved_chain(model, pipe, chain, folder, tmp_path, capsys)
   assert pixels_sha256(Image.open(tmp_path / "out" / "a.png")) == replay_a.output_sha256[-1]
 
 
+def test_run_on_files_is_the_cli_chain_in_python(pipe, chain, folder, tmp_path):
+  """``EditChain.run_on_files``: every file gets the whole chain with its own noise, the
+  same pixels as a replay on that file; a second call resumes (nothing redone)."""
+  report = chain.run_on_files(pipe, [str(folder)], str(tmp_path / "out"))
+  assert {"a.png", "b.png", "wide.png"} <= set(os.listdir(tmp_path / "out"))
+  assert not report.failed
+  assert _pixels(Image.open(tmp_path / "out" / "wide.png")).tobytes() == \
+      _pixels(chain.images[1]).tobytes()
+  replay_b = chain.replay(pipe, Image.open(folder / "b.png"), "b.png")
+  assert pixels_sha256(Image.open(tmp_path / "out" / "b.png")) == replay_b.output_sha256[-1]
+  again = chain.run_on_files(pipe, [str(folder)], str(tmp_path / "out"))
+  assert len(again.skipped_existing) == 3
+
+
 @pytest.mark.parametrize("extra,message", [
     (["-p", "x", "--chain", "c.json"], "give -p/--prompt or --chain, not both"),
     (["--chain", "c.json", "--seed", "3"], "--seed: with --chain every step has its own"),

@@ -131,5 +131,11 @@ def test_scale_grid_on_demand(demo, photo):
   grid = demo.grid(session, Step("make it red", steps=2))
   # 4 text scales x 4 image scales of 16 px cells, plus the label margins (64, 18).
   assert grid.size == (64 + 4 * 16, 18 + 4 * 16)
+  pixels = np.asarray(grid)
+  cells = [pixels[18 + r * 16:34 + r * 16, 64 + c * 16:80 + c * 16].tobytes()
+           for r in range(4) for c in range(4)]
+  source = np.asarray(session.chain.tip).tobytes()
+  assert source not in cells  # every cell is an edit, not the input
+  assert len(set(cells)) >= 12  # and the scales change it
   with pytest.raises(EditError, match="write an instruction"):
     demo.grid(session, Step(" "))

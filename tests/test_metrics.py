@@ -202,6 +202,7 @@ def test_clip_metrics_match_transformers(tmp_path, normalization):
   # Identical images and texts: direction similarity of zero vectors is 0, image similarity 1.
   same = clip(images_0, images_0, texts_0, texts_0)
   np.testing.assert_allclose(same["sim_image"], 1.0, atol=TOL)
+  np.testing.assert_allclose(same["sim_direction"], 0.0, atol=TOL)
 
 
 def test_clip_folder_must_hold_both_towers(tmp_path):
@@ -251,9 +252,14 @@ def test_evaluate_with_clip(pipe, tmp_path):
   save_tiny_clip(tmp_path / "clip")
   size = pipe.unet.config.sample_size * pipe.vae_scale_factor
   examples = heldout_examples(3, size, seed=4)
+  clip = ClipSimilarity(str(tmp_path / "clip"))
   report = evaluate(pipe, examples, num_inference_steps=1, guidance_scale=7.5,
-                    image_guidance_scale=1.5, seed=0, scheduler=None, batch_size=3,
-                    clip=ClipSimilarity(str(tmp_path / "clip")))
+                    image_guidance_scale=1.5, seed=0, scheduler=None, batch_size=3, clip=clip)
+  # Each example's values are CLIP's on (its input, this output) and (its captions), and
+  # the summary is their mean.
+  direct = clip(np.stack([e.input_image for e in examples]), report["outputs"],
+                [e.input_caption for e in examples], [e.edited_caption for e in examples])
   for key in ("sim_0", "sim_1", "sim_direction", "sim_image"):
-    assert -1.0 <= report["overall"][key] <= 1.0
-    assert all(-1.0 <= s[key] <= 1.0 for s in report["examples"])
+    np.testing.assert_allclose([s[key] for s in report["examples"]], direct[key], atol=1e-6,
+                               err_msg=key)
+    np.testing.assert_allclose(report["overall"][key], np.mean(direct[key]), atol=1e-6)

@@ -52,7 +52,8 @@ def evaluate(pipe, examples: Sequence[shapes.Example], *, num_inference_steps: i
 
   ``clip``: a :class:`ClipSimilarity` to add the paper's CLIP metrics (captions
   before/after as the texts). ``params``: evaluate these parameters instead of the
-  pipeline's (e.g. a training run's EMA; the compiled sampler is reused).
+  pipeline's, for this call only (e.g. a training run's EMA; the compiled sampler is
+  reused).
   ``progress(k)`` is called after each batch of ``k`` examples. ``scheduler`` and
   ``use_karras_sigmas`` as the pipeline takes them (default: the folder's own).
 
@@ -61,8 +62,16 @@ def evaluate(pipe, examples: Sequence[shapes.Example], *, num_inference_steps: i
   :func:`score_edit` dict per example, with its ``index``, ``instruction`` and CLIP
   values) and ``outputs`` (uint8 ``[N, S, S, 3]``, the only non-JSON entry).
   """
-  if params is not None:
+  if params is not None:  # swapped in for this call only (the compiled sampler is reused)
+    previous = pipe.params
     pipe.set_params(params)
+    try:
+      return evaluate(pipe, examples, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                      seed=seed, scheduler=scheduler, batch_size=batch_size, clip=clip,
+                      progress=progress, use_karras_sigmas=use_karras_sigmas)
+    finally:
+      pipe.set_params(previous)
   settings = dict(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
                   image_guidance_scale=float(image_guidance_scale), seed=seed,
                   scheduler=scheduler, num_examples=len(examples))
