@@ -59,6 +59,9 @@ LATENTS = f"{RUNS}/latents/train.arrayrecord"
 # The shipped model: every stage at these lengths except stage 2, stopped at step 7250
 # (README.md, "The default model"), and vae_decoder, run to 3000 and then continued to
 # 6000 (the cosine schedule recomputed on resume). Rerunning continues stage 2 to 8000.
+# Stage 2 started from stage 1 at step 600; the bundled text-to-image model is that run
+# continued to 3200 (constant LR to step 2249, then --config.lr_schedule=cosine
+# --config.total_steps=3200; scripts/install_default_model.py --only t2i).
 STEPS = {"vae": 1500, "vae_decoder": 6000, "clip": 600, "t2i": 600, "ip2p": 8000,
          "scratch": 500}
 
