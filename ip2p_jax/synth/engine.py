@@ -211,6 +211,8 @@ class Engine:
       kind = "kept" if line["kept"] else "rejected"
       if len(sheet[kind]) < SHEET_ROWS:
         label = "kept" if line["kept"] else "rejected: " + ", ".join(line["rejected_by"])
+        if line.get("follows_edit") is not None:
+          label += " | shows the edit" if line["follows_edit"] else " | edit not shown"
         sheet[kind].append(dict(input_image=first[i], edited_image=second[i],
                                 instruction=f"[{label}] {proposal.instruction}"))
       if line["kept"]:
