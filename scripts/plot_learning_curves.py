@@ -2,7 +2,9 @@
 edited region (``eval/...`` records of metrics.jsonl) against training step, for stage 2
 from the stage-1 UNet and from a random UNet (the paper's claim that stage 1 matters),
 and, where their folders are kept, the earlier run on SD's schedule (nonzero terminal
-SNR) and the object-weighted continuation (``focus``, 64 held-out edits per point).
+SNR) and the object-weighted continuation (``focus``, 64 held-out edits per point);
+and stage 1's: how often held-out captions are drawn right (``eval/t2i/...``, judged by
+colour with ``ip2p_jax.metrics.scene_match``).
 
   python scripts/plot_learning_curves.py [--runs runs/default] [-o examples/default_model_learning_curves.png]
 """
@@ -28,12 +30,32 @@ def read_evals(path: str) -> list[dict]:
     return [r for r in map(json.loads, f) if "eval/success" in r]
 
 
+def plot_stage_1(ax, path: str, colors) -> None:
+  """Stage 1's held-out captions: background right, object colours right, both."""
+  records = []
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      records = [r for r in map(json.loads, f) if "eval/t2i/depicts" in r]
+  for (key, name), color in zip((("background", "background"), ("colours", "object colours"),
+                                 ("depicts", "both")), colors):
+    points = [(r["step"], r[f"eval/t2i/{key}"]) for r in records]
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, "-", color=color, marker="o", markersize=3, label=name)
+  ax.set_xlabel("stage-1 training step (batch 32)")
+  ax.set_ylabel("share of 32 held-out captions drawn right")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center right")
+  ax.set_title("stage 1: captions drawn (colour judge)")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", default="runs/default")
   parser.add_argument("-o", "--output", default="examples/default_model_learning_curves.png")
   args = parser.parse_args()
-  fig, (ax, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
+  fig, (ax, ax_psnr, ax_t2i) = plt.subplots(1, 3, figsize=(17, 4.4), dpi=110)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for run, label, style, offset in RUNS:
     path = os.path.join(args.runs, run, "metrics.jsonl")
@@ -63,6 +85,7 @@ def main():
   ax_psnr.grid(alpha=0.3)
   ax_psnr.legend(fontsize=7, loc="lower right")
   ax_psnr.set_title("keeping the rest of the picture (bar: 25 dB)")
+  plot_stage_1(ax_t2i, os.path.join(args.runs, "t2i", "metrics.jsonl"), colors)
   fig.tight_layout()
   fig.savefig(args.output)
   print(f"wrote {args.output}")
