@@ -33,10 +33,12 @@ agree with the ground truth (``tests/test_scene_match.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from ip2p_jax.data import shapes
+from ip2p_jax.metrics.shapes_scoring import _mse_all as _mse
 
 BORDER = 0.06                # share of the side read as border
 BACKGROUND_DISTANCE = 48.0   # RGB distance within which a pixel counts as background
@@ -47,10 +49,14 @@ _PALETTE = np.array([shapes.PALETTE[c] for c in _NAMES], np.float64)
 COLOR_EFFECTS = ("grayscale", "invert", "darken", "flip")
 
 
+@functools.lru_cache(maxsize=None)
 def _background(color: str, style: str, size: int) -> np.ndarray:
-  """The background of ``color`` in ``style`` with no objects, float RGB."""
+  """The background of ``color`` in ``style`` with no objects, float RGB (rendered once
+  per argument triple: every judged picture compares against all eleven; read-only)."""
   image, _ = shapes.render(shapes.Scene(color, style, 0, ()), size)
-  return image.astype(np.float64)
+  image = image.astype(np.float64)
+  image.flags.writeable = False
+  return image
 
 
 def _frame(size: int) -> np.ndarray:
@@ -150,14 +156,6 @@ def infer_edit(before: shapes.Scene, after: shapes.Scene) -> Edit | None:
   return None
 
 
-def _effect_applied(image: np.ndarray, effect: str) -> np.ndarray:
-  return shapes._apply_effect(image, effect)  # pylint: disable=protected-access
-
-
-def _mse(a: np.ndarray, b: np.ndarray) -> float:
-  return float(np.square(a.astype(np.float64) - b.astype(np.float64)).mean())
-
-
 def follows(before_image: np.ndarray, after_image: np.ndarray, before: shapes.Scene,
             after: shapes.Scene) -> dict:
   """``{"ok": bool | None, "edit": kind, ...}``: whether the pair shows the change from
@@ -167,7 +165,7 @@ def follows(before_image: np.ndarray, after_image: np.ndarray, before: shapes.Sc
   if edit is None:
     return {"ok": None, "edit": None, "reason": "not a single shapes-world edit"}
   if edit.kind in COLOR_EFFECTS or edit.kind == "sepia":
-    target = _effect_applied(before_image, edit.kind)
+    target = shapes._apply_effect(before_image, edit.kind)  # pylint: disable=protected-access
     ok = bool(_mse(after_image, target) < _mse(after_image, before_image))
     return {"ok": ok, "edit": edit.kind}
   if edit.kind == "reshape" or before.effects:
