@@ -61,6 +61,7 @@ parser.add_argument("--init", action="append", default=None,
 parser.add_argument("--rank", type=int, default=8)
 parser.add_argument("--lr", type=float, default=5e-3)
 parser.add_argument("--steps", type=int, default=400, help="customization steps")
+parser.add_argument("--batch-size", type=int, default=2, help="ip2p customize --batch-size")
 parser.add_argument("--examples", type=int, default=5, help="training examples")
 parser.add_argument("--prior-examples", type=int, default=0,
                     help="examples of the original edit types kept in training (prior "
@@ -167,7 +168,8 @@ adapter = os.path.join(out, "sepia.safetensors")
 timing = os.path.join(out, "customize.json")
 customize_cmd = IP2P + ["customize", "--data", data, "--method", args.method, "--targets",
                         args.targets, "--rank", str(args.rank), "--lr", str(args.lr),
-                        "--steps", str(args.steps), "--base", model, "--out", adapter]
+                        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                        "--base", model, "--out", adapter]
 for token in args.token:
   customize_cmd += ["--token", token]
 for word in args.init:

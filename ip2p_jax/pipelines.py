@@ -32,6 +32,7 @@ from ip2p_jax import compilation
 from ip2p_jax import images as imagelib
 from ip2p_jax import sharding
 from ip2p_jax import tokenizer as tokenizers
+from ip2p_jax.adapters import token_kv
 from ip2p_jax.checkpoints import PipelineParts, load_pipeline, save_pipeline
 from ip2p_jax.diffusion import guidance, samplers, schedules
 
@@ -213,6 +214,10 @@ class _Pipeline:
     adapters.load_into(self, os.fspath(path), scale, check_base=check_base)
 
   def save_pretrained(self, path: str) -> None:
+    if token_kv.KEY in self.params:
+      raise ValueError("a key/value-token adapter is loaded: its rows are not weights of "
+                       "the model and cannot be saved into it; save the base and pass the "
+                       "adapter file with it (load_adapter)")
     save_pipeline(path, dataclasses.replace(self.parts, params=self.params,
                                             scheduler_config=self.scheduler_config))
 
@@ -273,11 +278,25 @@ class _Pipeline:
   # -- pieces used inside the jitted functions -----------------------------------------
 
   def _network(self, params):
-    return lambda x, t, ctx: self.unet.apply({"params": params["unet"]}, x, t, ctx)
+    """The UNet as guidance calls it. With key/value-token rows loaded the text states
+    carry the tokens' mask as their last channels (:meth:`_encode_text`), which
+    ``token_kv.applied`` reads and takes off."""
+    if token_kv.KEY not in params:
+      return lambda x, t, ctx: self.unet.apply({"params": params["unet"]}, x, t, ctx)
+    rows = params[token_kv.KEY]
+
+    def network(x, t, ctx):
+      ctx, mask = token_kv.split(ctx, rows["ids"].shape[0])
+      with token_kv.applied(rows["rows"], mask):
+        return self.unet.apply({"params": params["unet"]}, x, t, ctx)
+    return network
 
   def encode_prompt(self, prompt: str | Sequence[str]) -> np.ndarray:
     """CLIP's last hidden states ``[N, 77, D]`` for the prompts (each distinct text
-    encoded once): what ``prompt_embeds`` / ``negative_prompt_embeds`` take."""
+    encoded once): what ``prompt_embeds`` / ``negative_prompt_embeds`` take. With
+    key/value-token adapters loaded, ``[N, 77, D + T]``: the ``T`` new tokens' mask
+    appended (``ip2p_jax.adapters.token_kv``); ``D``-wide embeddings passed in get a
+    zero mask."""
     prompts = _as_list(prompt)
     unique = list(dict.fromkeys(prompts))
     ids = tokenizers.tokenize(self.tokenizer, unique)
@@ -297,6 +316,9 @@ class _Pipeline:
         embeds = np.repeat(embeds, n, axis=0)
       if len(embeds) != n:
         raise ValueError(f"got {len(embeds)} {what}_embeds for {n} images")
+      if token_kv.KEY in self.params and embeds.shape[-1] == self.text_encoder.config.hidden_size:
+        count = len(self.params[token_kv.KEY]["ids"])  # no new tokens in given states
+        embeds = np.concatenate([embeds, np.zeros(embeds.shape[:-1] + (count,), embeds.dtype)], -1)
       return embeds
     prompts = _as_list(prompts, n)
     if len(prompts) == 1 and n > 1:
@@ -316,7 +338,10 @@ class _Pipeline:
 
   def _encode_text(self, params, ids):
     out = self.text_encoder.apply({"params": params["text_encoder"]}, ids)
-    return out.last_hidden_state.astype(self.unet.dtype)
+    states = out.last_hidden_state.astype(self.unet.dtype)
+    if token_kv.KEY in params:
+      states = token_kv.with_mask(states, ids, params[token_kv.KEY]["ids"])
+    return states
 
   def _decode(self, params, latents):
     cfg = self.vae.config

@@ -1,6 +1,8 @@
 """Customization adapters (issue 11) on tiny random models: only the selected parameters
 train, only the new token rows change, files are small, scale 0 is the base, adapters
-stack, LoRA files round-trip with diffusers/peft, and a misfit adapter is one clear error.
+stack, LoRA files round-trip with diffusers/peft, and a misfit adapter is one clear error;
+key/value token rows (``targets="token_kv"``) match moving the token's text state through
+every layer, and leave prompts without the token as the base edits them.
 
 Run alone: ``python -m pytest -q tests/test_adapters.py`` (each training run compiles one
 tiny train step; the UNet comparisons compile one tiny forward).
@@ -506,3 +508,133 @@ def test_several_data_folders_train_one_adapter_jointly(trained_lora):
   out, result = trained_lora
   assert result["examples"] == 5  # 3 + 2 examples from two folders
   assert files.load(out).meta["prompts"] == ["make it <new1>", "make it red"]
+
+
+def test_token_kv_rows_equal_moving_the_token_state_through_every_layer(base, unet_fn):
+  """Oracle for ``token_kv.applied``: rows ``R = W delta`` in every cross-attention key and
+  value projection give exactly the UNet output of the text states with ``delta`` added
+  at the masked positions (``W (c + delta) + b = W c + b + W delta``), and nothing where
+  the mask is empty (to float32 rounding: the added zero rows change XLA's fusions, 1e-6)."""
+  from ip2p_jax.adapters import token_kv
+  module, params = base.modules["unet"], base.params["unet"]
+  x, t, c = _inputs(8)
+  c = np.concatenate([c, c[:, ::-1]])  # two rows: the token at position 3, then nowhere
+  x, t = np.concatenate([x, x]), np.concatenate([t, t])
+  delta = np.random.default_rng(5).standard_normal(c.shape[-1]).astype(np.float32)
+  kernels = targets.kernels(params)
+  rows = {p: jnp.asarray(delta @ np.asarray(kernels[tuple(p.split("/"))]))[None]
+          for p in token_kv.layer_paths(params)}
+  assert len(rows) == 2 * len([p for p in kernels if p[-1] == "to_k" and p[-2] == "attn2"])
+  ids = np.zeros((2, 77), np.int32)
+  ids[0, 3] = 99
+  mask = token_kv.mask(jnp.asarray(ids), jnp.asarray([99]))
+
+  @jax.jit
+  def with_rows(x, t, c, mask):
+    with token_kv.applied(rows, mask):
+      return module.apply({"params": params}, x, t, c)
+  moved = c.copy()
+  moved[0, 3] += delta
+  np.testing.assert_allclose(np.asarray(with_rows(x, t, c, mask)),
+                             np.asarray(unet_fn(module, params, x, t, moved)),
+                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(with_rows(x, t, c, mask))[1],
+                             np.asarray(unet_fn(module, params, x, t, c))[1], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_token_kv(folder, data, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("tkv") / "tkv.safetensors")
+  settings = runner.Settings("custom_diffusion", steps=3, learning_rate=1e-1,
+                             targets="token_kv", tokens=("<new1>",), initializer=("red",))
+  return out, runner.customize(folder, data[0], out, settings, progress=False)
+
+
+def test_token_kv_trains_only_its_token_and_rows(trained_token_kv, base):
+  """``targets="token_kv"``: the UNet stays bitwise, the file holds the token's
+  embedding and one key/value row per cross-attention projection (no kernel change),
+  small, and it round-trips."""
+  from ip2p_jax.adapters import token_kv
+  out, result = trained_token_kv
+  params = result["state"].params
+  before, after = _flat(base.params["unet"]), _flat(params["unet"])
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+  adapter = files.load(out)
+  assert adapter.deltas == {} and adapter.tokens.names == ["<new1>"]
+  widths = token_kv.layer_paths(base.params["unet"])
+  assert sorted(adapter.token_kv) == sorted(widths)
+  for p, r in adapter.token_kv.items():
+    assert r.shape == (1, widths[p])
+    np.testing.assert_array_equal(r, np.asarray(params["token_kv"][p]))
+  assert any(np.abs(r).max() > 0 for r in adapter.token_kv.values())  # they trained
+  assert "token_kv" in adapter.meta["targets"]
+  unet_bytes = sum(np.asarray(v).nbytes for v in before.values())
+  assert os.path.getsize(out) <= 0.05 * unet_bytes
+
+
+def test_token_kv_adapter_in_the_pipeline(folder, trained_token_kv, tmp_path):
+  """Loaded in a pipeline: a prompt without the token edits as the base does (to float32
+  rounding, 1e-5: the program differs by the zero rows it adds); with it the edit
+  differs; at scale 0 the rows add nothing (the token's embedding is still the
+  trained one, so compare against textual inversion alone); two adapters stack; the
+  pipeline refuses to save rows into a model folder."""
+  from ip2p_jax import InstructPix2PixPipeline
+  out, _ = trained_token_kv
+  pipe = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  pipe.set_progress_bar_config(disable=True)
+  image = np.random.default_rng(3).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+  kw = dict(num_inference_steps=2, seed=0, output_type="np")
+  base_plain = pipe("make it red", image, **kw).images
+  pipe.load_adapter(out)
+  np.testing.assert_allclose(pipe("make it red", image, **kw).images, base_plain,
+                             rtol=0, atol=1e-5)
+  adapted = pipe("make it <new1>", image, **kw).images
+  assert np.abs(adapted - base_plain).max() > 1e-3
+  # Scale 0: the same as an adapter of the token alone (textual inversion).
+  adapter = files.load(out)
+  ti_only = str(tmp_path / "ti.safetensors")
+  files.save(ti_only, files.Adapter("custom_diffusion", deltas={}, tokens=adapter.tokens))
+  zero = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  zero.set_progress_bar_config(disable=True)
+  zero.load_adapter(out, scale=0.0)
+  ti = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  ti.set_progress_bar_config(disable=True)
+  ti.load_adapter(ti_only)
+  np.testing.assert_allclose(zero("make it <new1>", image, **kw).images,
+                             ti("make it <new1>", image, **kw).images, rtol=0, atol=1e-6)
+  # A second concept stacks: its own token, its rows after the first's.
+  second = str(tmp_path / "second.safetensors")
+  files.save(second, files.Adapter(
+      "custom_diffusion", deltas={},
+      tokens=tokens.Tokens(["<new2>"], adapter.tokens.embeddings[::-1].copy()),
+      meta=adapter.meta, token_kv={p: -r for p, r in adapter.token_kv.items()}))
+  pipe.load_adapter(second)
+  ids = pipe.tokenizer.convert_tokens_to_ids(["<new1>", "<new2>"])
+  assert pipe.params["token_kv"]["ids"].tolist() == list(ids)
+  np.testing.assert_allclose(pipe("make it red", image, **kw).images, base_plain,
+                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(pipe("make it <new1>", image, **kw).images, adapted,
+                             rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="key/value-token adapter"):
+    pipe.save_pretrained(str(tmp_path / "saved"))
+
+
+def test_token_kv_misfits_are_clear_errors(trained_token_kv, base, folder, data, tmp_path):
+  from ip2p_jax.adapters import diffusers_format
+  out, _ = trained_token_kv
+  adapter = files.load(out)
+  path = next(iter(adapter.token_kv))
+  wrong = dict(adapter.token_kv, **{path: np.zeros((1, 3), np.float32)})
+  with pytest.raises(adapters.AdapterError, match="rows are 3 wide"):
+    adapters.apply(base, files.Adapter("custom_diffusion", deltas={}, tokens=adapter.tokens,
+                                       meta={}, token_kv=wrong))
+  with pytest.raises(adapters.AdapterError, match="no key/value token rows"):
+    diffusers_format.save(str(tmp_path / "d"), adapter, base)
+  with pytest.raises(ValueError, match="give customize.tokens"):
+    runner.customize(folder, data[0], str(tmp_path / "x.safetensors"),
+                     runner.Settings("custom_diffusion", steps=1, targets="token_kv"),
+                     progress=False)
+  with pytest.raises(ValueError, match="belongs to custom_diffusion"):
+    runner.customize(folder, data[0], str(tmp_path / "x.safetensors"),
+                     runner.Settings("lora", steps=1, targets="token_kv",
+                                     tokens=("<n>",), initializer=("red",)), progress=False)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ip2p_jax.adapters import custom_diffusion, lora, targets, tokens
+from ip2p_jax.adapters import custom_diffusion, lora, targets, token_kv, tokens
 from ip2p_jax.adapters.files import Adapter, AdapterError, base_description, load, save
 
 __all__ = ["Adapter", "AdapterError", "apply", "load", "save", "load_into", "lora",
            "merge_custom_diffusion",
-           "custom_diffusion", "targets", "tokens"]
+           "custom_diffusion", "targets", "token_kv", "tokens"]
 
 _EDITOR = "an InstructPix2Pix editor"
 _T2I = "a text-to-image model"
@@ -67,6 +67,8 @@ def check(adapter: Adapter, parts, where: str = "adapter", check_base: bool = Tr
           raise ValueError(f"{where}: adapter layer {name} has shape "
                            f"{lora._torch_shape(tuple(d.shape))}, this model's is "
                            f"{lora._torch_shape(tuple(kernels[p].shape))}")
+    if adapter.token_kv:
+      token_kv.check_shapes(adapter.token_kv, unet_params, where)
   except ValueError as e:
     raise AdapterError(str(e)) from None
   if adapter.text_lora is not None:
@@ -118,7 +120,25 @@ def apply(parts, adapter: Adapter | str, scale: float = 1.0, *, check_base: bool
     except ValueError as e:
       raise AdapterError(f"{where}: {e}") from None
     modules = {**modules, "text_encoder": text}
+  if adapter.token_kv:
+    params[token_kv.KEY] = _stack_rows(params.get(token_kv.KEY), adapter, tokenizer, scale)
   return dataclasses.replace(parts, modules=modules, params=params, tokenizer=tokenizer)
+
+
+def _stack_rows(loaded: dict | None, adapter: Adapter, tokenizer, scale: float) -> dict:
+  """``params["token_kv"]`` with ``adapter``'s key/value token rows (times ``scale``)
+  after those already loaded; a layer one adapter leaves alone gets zero rows there."""
+  import numpy as np
+  ids = np.asarray(tokenizer.convert_tokens_to_ids(list(adapter.tokens.names)), np.int32)
+  rows = {p: scale * np.asarray(r, np.float32) for p, r in adapter.token_kv.items()}
+  if loaded is None:
+    return {"ids": ids, "rows": rows}
+  old, n_old = loaded["rows"], len(loaded["ids"])
+  width = {p: np.shape(r)[-1] for p, r in {**rows, **old}.items()}
+  stacked = {p: np.concatenate([np.asarray(old.get(p, np.zeros((n_old, w), np.float32))),
+                                rows.get(p, np.zeros((len(ids), w), np.float32))])
+             for p, w in width.items()}
+  return {"ids": np.concatenate([np.asarray(loaded["ids"]), ids]), "rows": stacked}
 
 
 def load_into(pipe, path: str, scale: float = 1.0, check_base: bool = True) -> None:
@@ -195,7 +215,16 @@ def merge_custom_diffusion(parts, concepts: list, reg_prompts: list[str] | None 
     import numpy as np
     merged_tokens = tokens.Tokens([n for t in toks for n in t.names],
                                   np.concatenate([t.embeddings for t in toks]))
+  rows = None
+  if any(a.token_kv for a in loaded):  # each adapter's rows for its own tokens, in order
+    import numpy as np
+    widths = {p: r.shape[-1] for a in loaded for p, r in (a.token_kv or {}).items()}
+    with_names = [a for a in loaded if a.tokens is not None and a.tokens.names]
+    rows = {p: np.concatenate([(a.token_kv or {}).get(p, np.zeros((len(a.tokens.names), w),
+                                                                  np.float32))
+                               for a in with_names]) for p, w in widths.items()}
   meta = {"base": base_description(parts.modules["unet"], parts.params["unet"], list(deltas)),
           "prompts": [p for a in loaded for p in a.meta["prompts"]],
           "merged_from": len(loaded)}
-  return Adapter("custom_diffusion", deltas=deltas, tokens=merged_tokens, meta=meta)
+  return Adapter("custom_diffusion", deltas=deltas, tokens=merged_tokens, meta=meta,
+                 token_kv=rows)

@@ -51,6 +51,9 @@ def save(folder: str, adapter: Adapter | str, parts) -> list[str]:
   if adapter.method != "custom_diffusion":
     raise AdapterError("diffusers' Custom Diffusion layout holds Custom Diffusion adapters; "
                        "a LoRA file is already in diffusers' LoRA layout")
+  if adapter.token_kv:
+    raise AdapterError("diffusers has no key/value token rows (ip2p_jax.adapters.token_kv): "
+                       "this adapter is ip2p_jax's own")
   adapters.check(adapter, parts, "adapter")
   unet = parts.params["unet"]
   kernels = targets_lib.kernels(unet)

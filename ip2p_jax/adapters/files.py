@@ -20,8 +20,11 @@ metadata; they merge into the text encoder's kernels. (Kohya-style ``lora_te_`` 
 diffusers first.)
 
 Custom Diffusion adapters store the kernel changes ``unet.<module>.delta_weight`` in the
-PyTorch layout. Either kind may add tokens: ``text_encoder.new_token_embeddings``
-``[n, hidden]``, their names in our metadata. Our metadata (``ip2p_jax``, JSON) also
+PyTorch layout, and key/value token rows (``ip2p_jax.adapters.token_kv``) as
+``unet.<module>.token_rows`` ``[n, inner]`` (``<module>`` a cross-attention ``to_k`` or
+``to_v``; one row per new token, in the order of the token names). Either kind may add
+tokens: ``text_encoder.new_token_embeddings`` ``[n, hidden]``, their names in our
+metadata. Our metadata (``ip2p_jax``, JSON) also
 records the method, the base UNet's shape and a fingerprint of the base kernels the
 adapter changes, so an adapter for another base is refused by name.
 """
@@ -63,10 +66,14 @@ class Adapter:
   tokens: Tokens | None = None
   meta: dict = dataclasses.field(default_factory=dict)
   text_lora: lora_lib.LoRA | None = None
+  token_kv: dict[str, np.ndarray] | None = None  # "<our module path>" -> [tokens, inner]
 
   def paths(self) -> list[Path]:
     """The UNet module paths the adapter changes."""
-    return list(self.lora.weights if self.lora is not None else self.deltas or {})
+    if self.lora is not None:
+      return list(self.lora.weights)
+    rows = [tuple(p.split("/")) for p in self.token_kv or {}]
+    return list(self.deltas or {}) + [p for p in rows if p not in (self.deltas or {})]
 
 
 def base_description(unet_module, unet_params, paths) -> dict:
@@ -152,6 +159,9 @@ def save(path: str, adapter: Adapter, dtype=np.float32) -> None:
       name = targets_lib.torch_name(p)
       tensors[f"unet.{name}.delta_weight"] = formats.to_torch(
           ("kernel",), np.asarray(d, np.float32)).astype(dtype)
+    for p, rows in (adapter.token_kv or {}).items():
+      name = targets_lib.torch_name(tuple(p.split("/")))
+      tensors[f"unet.{name}.token_rows"] = np.asarray(rows, np.float32).astype(dtype)
   else:
     raise AdapterError(f"adapter method {adapter.method!r}: one of {METHODS}")
   own = dict(adapter.meta, method=adapter.method, format=1)
@@ -206,13 +216,21 @@ def load(path: str) -> Adapter:
     raise AdapterError(f"adapter {path}: text-encoder layers ({sorted(text)[0]}, ...) "
                        "belong in LoRA files only")
   if method == "custom_diffusion":
-    deltas = {}
+    deltas, rows = {}, {}
     for key, value in unet.items():
+      if key.endswith(".token_rows"):
+        rows["/".join(_module_path(key[:-len(".token_rows")]))] = np.array(value, np.float32)
+        continue
       if not key.endswith(".delta_weight"):
         raise AdapterError(f"adapter {path}: unexpected tensor {key}")
       p = _module_path(key[:-len(".delta_weight")])
       deltas[p] = formats.from_torch(("kernel",), np.array(value, np.float32))
-    return Adapter(method, deltas=deltas, tokens=tokens, meta=own)
+    n = len(tokens.names) if tokens is not None else 0
+    bad = [k for k, r in rows.items() if r.ndim != 2 or r.shape[0] != n]
+    if bad:
+      raise AdapterError(f"adapter {path}: {bad[0]} token rows have shape "
+                         f"{rows[bad[0]].shape}; the file adds {n} tokens")
+    return Adapter(method, deltas=deltas, tokens=tokens, meta=own, token_kv=rows or None)
   if method != "lora":
     raise AdapterError(f"adapter {path}: neither LoRA (lora_A/lora_B tensors) nor an "
                        "ip2p_jax adapter")

@@ -7,6 +7,7 @@ The train state's parameters are one tree (no copied model)::
     {"unet": the base UNet,                       # Custom Diffusion trains its selected kernels
      "lora": {"down_blocks_0/.../to_q": {"lora_A", "lora_B"}, ...},   # LoRA only
      "tokens": [n, hidden],                       # new token rows, when tokens are added
+     "token_kv": {"down_blocks_0/.../attn2/to_k": [n, inner], ...},   # targets "token_kv"
      "base_kernels": {...}}                       # Custom Diffusion: the selected kernels'
                                                   # base values, frozen (for the delta)
 
@@ -28,6 +29,7 @@ from ip2p_jax.adapters import custom_diffusion as cd
 from ip2p_jax.adapters import files
 from ip2p_jax.adapters import lora as lora_lib
 from ip2p_jax.adapters import targets as targets_lib
+from ip2p_jax.adapters import token_kv as token_kv_lib
 from ip2p_jax.adapters import tokens as tokens_lib
 
 METHODS = ("custom_diffusion", "lora")
@@ -41,7 +43,9 @@ def _split(text: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Customization:
   """``config.customize`` parsed: method, targets, LoRA rank/alpha, new tokens and the
-  words that initialise them, the prior-preservation loss weight."""
+  words that initialise them, the prior-preservation loss weight. ``token_kv``: the
+  target "token_kv" (Custom Diffusion only): key/value rows of the new tokens per
+  cross-attention layer (``ip2p_jax.adapters.token_kv``)."""
   method: str
   targets: tuple[str, ...]
   rank: int = 4
@@ -49,6 +53,7 @@ class Customization:
   token_names: tuple[str, ...] = ()
   initializer_words: tuple[str, ...] = ()
   prior_weight: float = 1.0
+  token_kv: bool = False
 
   @classmethod
   def from_config(cls, config) -> "Customization | None":
@@ -59,14 +64,21 @@ class Customization:
     if method not in METHODS:
       raise ValueError(f"customize.method must be one of {METHODS} (or '' for none), "
                        f"got {method!r}")
-    targets = targets_lib.parse(c.get("targets") or DEFAULT_TARGETS[method],
-                                allow_none=method == "custom_diffusion")
+    names_given = _split(c.get("targets") or DEFAULT_TARGETS[method])
+    token_kv = token_kv_lib.KEY in names_given
+    if token_kv and method != "custom_diffusion":
+      raise ValueError("customize.targets 'token_kv' belongs to custom_diffusion")
+    rest = [n for n in names_given if n != token_kv_lib.KEY]
+    targets = targets_lib.parse(rest or "none", allow_none=method == "custom_diffusion")
     if method == "custom_diffusion":
       cd.select({}, targets)  # raises on non-attention targets
     names, words = tuple(_split(c.get("tokens", ""))), tuple(_split(c.get("initializer", "")))
     if not targets and not names:
       raise ValueError("customize.targets 'none' trains only new tokens (textual inversion, "
                        "Gal et al. 2022): give customize.tokens")
+    if token_kv and not names:
+      raise ValueError("customize.targets 'token_kv' trains key/value rows of new tokens: "
+                       "give customize.tokens")
     if names and len(words) not in (1, len(names)):
       raise ValueError(f"customize.initializer: one word, or one per token ({len(names)}); "
                        f"got {list(words)}")
@@ -77,13 +89,13 @@ class Customization:
     if c.get("rank", 4) < 1:
       raise ValueError(f"customize.rank must be >= 1, got {c.rank}")
     return cls(method, targets, int(c.get("rank", 4)), float(c.get("alpha", 4.0)), names,
-               words, float(c.get("prior_weight", 1.0)))
+               words, float(c.get("prior_weight", 1.0)), token_kv)
 
   # -- which leaves train -----------------------------------------------------------
 
   def is_trained(self, path: tuple[str, ...], ndim: int) -> bool:
     """Whether the leaf at ``path`` (keys of the trained tree) trains."""
-    if path[0] in ("lora", "tokens"):
+    if path[0] in ("lora", "tokens", token_kv_lib.KEY):
       return True
     if path[0] != "unet" or self.method != "custom_diffusion" or path[-1] != "kernel":
       return False
@@ -133,6 +145,8 @@ class Customization:
     if self.token_names:
       table = tokens_lib.embedding_table(frozen_params["text_encoder"])
       tree["tokens"] = jnp.array(table[-len(self.token_names):])
+    if self.token_kv:
+      tree[token_kv_lib.KEY] = token_kv_lib.init_rows(plain, len(self.token_names))
     return tree
 
   def merged(self, params, frozen):
@@ -156,8 +170,14 @@ class Customization:
     """The objective on the trained tree; a batch with a ``"prior"`` sub-batch adds its
     loss times ``prior_weight`` (prior preservation, Ruiz et al. 2023 / Kumari et al.
     2023: regularisation examples keep the base model's behaviour)."""
+    if self.token_kv:
+      loss = self._with_token_rows(loss)
+
     def wrapped(params, frozen, batch, rng):
-      unet, frozen = self.merged(self.stop_frozen(params), frozen)
+      params = self.stop_frozen(params)
+      unet, frozen = self.merged(params, frozen)
+      if self.token_kv:  # the objective reads them through the interceptor
+        frozen = {**frozen, token_kv_lib.KEY: params[token_kv_lib.KEY]}
       if "prior" not in batch:
         return loss(unet, frozen, batch, rng)
       k_inst, k_prior = jax.random.split(rng)
@@ -167,6 +187,20 @@ class Customization:
       total = l_inst + self.prior_weight * l_prior
       return total, {"loss": total, "instance_loss": l_inst, "prior_loss": l_prior}
     return wrapped
+
+  def _with_token_rows(self, loss: Callable) -> Callable:
+    """``loss`` with the key/value token rows (``frozen["token_kv"]``) added where the
+    batch's ``input_ids`` hold the new tokens (their ids: the last rows of the table)."""
+    n = len(self.token_names)
+
+    def with_rows(unet, frozen, batch, rng):
+      rows = frozen[token_kv_lib.KEY]
+      frozen = {k: v for k, v in frozen.items() if k != token_kv_lib.KEY}
+      vocab = tokens_lib.embedding_table(frozen["text_encoder"]).shape[0]
+      mask = token_kv_lib.mask(batch["input_ids"], jnp.arange(vocab - n, vocab))
+      with token_kv_lib.applied(rows, mask):
+        return loss(unet, frozen, batch, rng)
+    return with_rows
 
   def wrap_job(self, job):
     """``job`` training the trained tree instead of the whole UNet."""
@@ -201,8 +235,15 @@ class Customization:
     trained = targets_lib.kernels(unet)
     deltas = {p: np.asarray(trained[p], np.float32) - np.asarray(v, np.float32)
               for p, v in base.items()}
-    info.update(base=files.base_description(module, _base_of(unet, base), list(base)))
-    return files.Adapter("custom_diffusion", deltas=deltas, tokens=tokens, meta=info)
+    rows = None
+    if self.token_kv:
+      rows = {p: np.asarray(r, np.float32) for p, r in params[token_kv_lib.KEY].items()}
+      info["targets"] = info["targets"] + [token_kv_lib.KEY]
+    paths = list(base) + [tuple(p.split("/")) for p in rows or {}]
+    info.update(base=files.base_description(module, _base_of(unet, base),
+                                            list(dict.fromkeys(paths))))
+    return files.Adapter("custom_diffusion", deltas=deltas, tokens=tokens, meta=info,
+                         token_kv=rows)
 
 
 def _base_of(unet, base_kernels: dict) -> dict:

@@ -51,7 +51,10 @@ def add_parser(sub) -> None:
                       "(default: to_k,to_v for custom_diffusion; to_q,to_k,to_v,to_out_0 "
                       "for lora); 'none' with custom_diffusion and --token: only the new "
                       "tokens train (textual inversion), so prompts without them edit "
-                      "exactly as the base does")
+                      "exactly as the base does; 'token_kv' with custom_diffusion and --token: "
+                      "the tokens and, per cross-attention layer, a key and a value row added "
+                      "where they sit (ip2p_jax.adapters.token_kv; prompts without them edit "
+                      "exactly as the base does)")
   p.add_argument("--prior", action="append", default=[], metavar="DIR",
                  help="regularisation examples (prior preservation; repeatable)")
   p.add_argument("--prior-weight", type=float, default=1.0, help="weight of --prior's loss")
@@ -82,6 +85,9 @@ def run(args) -> int:
   if args.diffusers_dir and args.method != "custom_diffusion":
     raise CommandError("--diffusers-dir is for custom_diffusion adapters: a LoRA file is "
                        "already in diffusers' LoRA layout (pipe.load_lora_weights)")
+  if args.diffusers_dir and "token_kv" in args.targets.split(","):
+    raise CommandError("--diffusers-dir: diffusers has no key/value token rows; the "
+                       "adapter file is ip2p_jax's own")
   if args.token and not args.init:
     raise CommandError("--token needs --init WORD: the word each new token starts from")
   if not args.no_compilation_cache:

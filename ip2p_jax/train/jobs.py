@@ -108,6 +108,13 @@ def _host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _text_dropout(custom, rate: float) -> float:
+  """The conditioning dropout of a run: none when key/value token rows train (a dropped
+  instruction would still carry its tokens' mask, teaching the rows on the empty prompt
+  that sampling never gives them)."""
+  return 0.0 if custom is not None and custom.token_kv else rate
+
+
 def build(config, place: Callable | None = None) -> Job:
   """The job of ``config.stage``. ``place`` (``module -> pytree of shardings``) puts
   weights read from folders straight onto their devices, each host reading only its
@@ -169,11 +176,11 @@ def build(config, place: Callable | None = None) -> Job:
                        "data.latents (scripts/build_latent_cache.py)")
     elif stage == "instruct_pix2pix":
       loss = objectives.instruct_pix2pix(module, vae, text, schedule, empty,
-                                         dropout=config.conditioning_dropout,
+                                         dropout=_text_dropout(custom, config.conditioning_dropout),
                                          min_snr_gamma=gamma)
     else:
       loss = objectives.text_to_image(module, vae, text, schedule, empty,
-                                      caption_dropout=config.caption_dropout,
+                                      caption_dropout=_text_dropout(custom, config.caption_dropout),
                                       min_snr_gamma=gamma)
     job = Job(stage, module, lambda k: _random_params(module, k), load, frozen_modules,
               frozen_params, loss, tokenizer, scheduler_config)
