@@ -638,3 +638,59 @@ def test_token_kv_misfits_are_clear_errors(trained_token_kv, base, folder, data,
     runner.customize(folder, data[0], str(tmp_path / "x.safetensors"),
                      runner.Settings("lora", steps=1, targets="token_kv",
                                      tokens=("<n>",), initializer=("red",)), progress=False)
+
+
+def test_text_to_image_token_kv_in_its_pipeline(tmp_path):
+  """Key/value token rows on a text-to-image base (classifier-free guidance batches the
+  negative and the prompt): a caption without the token draws as the base does, with
+  it the drawing depends on the rows (scale 1 vs scale 0)."""
+  from ip2p_jax import TextToImagePipeline
+  folder = str(tmp_path / "sd")
+  pipeline_fixtures.save_sd(folder)
+  data = tmp_path / "captions"
+  os.makedirs(data)
+  rng = np.random.default_rng(0)
+  with open(data / "metadata.jsonl", "w", encoding="utf-8") as f:
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(data / f"{i}.png")
+      f.write(json.dumps({"image": f"{i}.png", "caption": "a <new1> square"}) + "\n")
+  out = str(tmp_path / "tkv.safetensors")
+  settings = runner.Settings("custom_diffusion", steps=3, learning_rate=1e-1,
+                             targets="token_kv", tokens=("<new1>",), initializer=("red",))
+  runner.customize(folder, str(data), out, settings, progress=False)
+  kw = dict(num_inference_steps=2, seed=0, output_type="np")
+  pipes = []
+  for scale in (None, 1.0, 0.0):
+    pipe = TextToImagePipeline.from_pretrained(folder, compilation_cache=False)
+    pipe.set_progress_bar_config(disable=True)
+    if scale is not None:
+      pipe.load_adapter(out, scale=scale)
+    pipes.append(pipe)
+  base, full, zero = pipes
+  np.testing.assert_allclose(full("a red square", **kw).images, base("a red square", **kw).images,
+                             rtol=0, atol=1e-5)
+  assert np.abs(full("a <new1> square", **kw).images
+                - zero("a <new1> square", **kw).images).max() > 1e-4
+
+
+def test_token_kv_through_the_training_loop_samples_with_its_rows(shapes_dataset, tmp_path):
+  """``config.customize.targets = "token_kv"`` in the ordinary training run (stage 1):
+  the UNet stays bitwise, the run draws its samples (through the rows), and the
+  exported adapter holds the trained rows."""
+  from configs import tiny_t2i
+  from ip2p_jax.adapters import token_kv
+  from ip2p_jax.train.loop import train_and_evaluate
+  c = tiny_t2i.get_config()
+  c.data.path = shapes_dataset
+  c.total_steps, c.num_samples, c.sample_steps = 2, 2, 2
+  c.learning_rate, c.ema_decay = 1e-2, 0.0
+  c.customize.method, c.customize.targets = "custom_diffusion", "token_kv"
+  c.customize.tokens, c.customize.initializer = "<new1>", "red"
+  summary = train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path / "samples") == ["step_0000002.png"]
+  trained = jax.device_get(summary["state"].params)
+  adapter = files.load(os.path.join(summary["export"], "adapter.safetensors"))
+  assert adapter.deltas == {} and sorted(adapter.token_kv) == sorted(
+      token_kv.layer_paths(trained["unet"]))
+  for p, r in adapter.token_kv.items():
+    np.testing.assert_array_equal(r, np.asarray(trained["token_kv"][p]))

@@ -7,7 +7,9 @@ text-to-image UNet.
     pipe.load_adapter("concept.safetensors", scale=0.8)   # the same on a pipeline
 
 Applying merges the adapter into the UNet kernels (``W + scale * dW``; several adapters
-add) and appends its tokens to the tokenizer and the text encoder's table. Training:
+add) and appends its tokens to the tokenizer and the text encoder's table; key/value
+token rows (``token_kv``, Custom Diffusion with ``targets="token_kv"``) are not weights:
+they go to ``params["token_kv"]``, which the pipelines apply where the tokens sit. Training:
 ``config.customize`` (``ip2p_jax.adapters.training``) and ``ip2p customize``
 (``ip2p_jax.adapters.runner``).
 """

@@ -188,17 +188,23 @@ class Customization:
       return total, {"loss": total, "instance_loss": l_inst, "prior_loss": l_prior}
     return wrapped
 
+  def token_rows(self, params, frozen) -> tuple[dict, jax.Array] | None:
+    """``(rows, token ids)`` of the key/value token rows being trained, or None: what a
+    sampler passes to ``token_kv.applied`` (the ids are the table's last rows)."""
+    if not self.token_kv:
+      return None
+    n = len(self.token_names)
+    vocab = tokens_lib.embedding_table(frozen["text_encoder"]).shape[0]
+    return params[token_kv_lib.KEY], jnp.arange(vocab - n, vocab)
+
   def _with_token_rows(self, loss: Callable) -> Callable:
     """``loss`` with the key/value token rows (``frozen["token_kv"]``) added where the
     batch's ``input_ids`` hold the new tokens (their ids: the last rows of the table)."""
-    n = len(self.token_names)
 
     def with_rows(unet, frozen, batch, rng):
-      rows = frozen[token_kv_lib.KEY]
-      frozen = {k: v for k, v in frozen.items() if k != token_kv_lib.KEY}
-      vocab = tokens_lib.embedding_table(frozen["text_encoder"]).shape[0]
-      mask = token_kv_lib.mask(batch["input_ids"], jnp.arange(vocab - n, vocab))
-      with token_kv_lib.applied(rows, mask):
+      frozen = dict(frozen)
+      rows, ids = self.token_rows({token_kv_lib.KEY: frozen.pop(token_kv_lib.KEY)}, frozen)
+      with token_kv_lib.applied(rows, token_kv_lib.mask(batch["input_ids"], ids)):
         return loss(unet, frozen, batch, rng)
     return with_rows
 

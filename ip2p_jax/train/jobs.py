@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax import paths
+from ip2p_jax.adapters import token_kv
 from ip2p_jax.adapters.training import Customization
 from ip2p_jax import tokenizer as tokenizers
 from ip2p_jax.checkpoints import (PipelineParts, load_component, module_from_config, resolve,
@@ -309,15 +310,27 @@ def sampler(job: Job, steps: int, seed: int = 0, text_scale: float = 7.5,
   vae, text_encoder = job.frozen_modules["vae"], job.frozen_modules["text_encoder"]
 
   def run(params, frozen, inputs):
+    rows = None
     if job.customization is not None:
+      rows = job.customization.token_rows(params, frozen)
       params, frozen = job.customization.merged(params, frozen)
-    encode = lambda ids: text_encoder.apply({"params": frozen["text_encoder"]},
-                                            ids).last_hidden_state.astype(job.module.dtype)
+
+    def encode(ids):
+      states = text_encoder.apply({"params": frozen["text_encoder"]},
+                                  ids).last_hidden_state.astype(job.module.dtype)
+      return states if rows is None else token_kv.with_mask(states, ids, rows[1])
     text = encode(inputs["ids"])
     empty = jnp.broadcast_to(encode(inputs["empty"]), text.shape)
     b = text.shape[0]
     scale = lambda s: jnp.full((b,), s, jnp.float32)
     network = lambda x, t, ctx: job.module.apply({"params": params}, x, t, ctx)
+    if rows is not None:  # key/value token rows where the new tokens sit (as the pipelines)
+      plain = network
+
+      def network(x, t, ctx):
+        ctx, mask = token_kv.split(ctx, rows[1].shape[0])
+        with token_kv.applied(rows[0], mask):
+          return plain(x, t, ctx)
     size = inputs["pixels"].shape[1] // (2 ** (len(vae.config.block_out_channels) - 1))
     if job.stage == "instruct_pix2pix":
       image = vae.apply({"params": frozen["vae"]}, objectives.to_unit(inputs["pixels"]),
