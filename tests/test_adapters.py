@@ -694,3 +694,18 @@ def test_token_kv_through_the_training_loop_samples_with_its_rows(shapes_dataset
       token_kv.layer_paths(trained["unet"]))
   for p, r in adapter.token_kv.items():
     np.testing.assert_array_equal(r, np.asarray(trained["token_kv"][p]))
+
+
+def test_merged_concepts_keep_each_concepts_token_rows(trained_token_kv, base):
+  """Merging two key/value-token concepts (``merge_custom_diffusion``): the merged file
+  holds both tokens, and each token's rows are its own concept's, in the same order."""
+  out, _ = trained_token_kv
+  first = files.load(out)
+  second = files.Adapter(
+      "custom_diffusion", deltas={}, meta=first.meta,
+      tokens=tokens.Tokens(["<new2>"], first.tokens.embeddings + 1.0),
+      token_kv={p: 2.0 * r + 1.0 for p, r in first.token_kv.items()})
+  merged = adapters.merge_custom_diffusion(base, [first, second])
+  assert merged.tokens.names == ["<new1>", "<new2>"]
+  for p, r in first.token_kv.items():
+    np.testing.assert_array_equal(merged.token_kv[p], np.concatenate([r, 2.0 * r + 1.0]))
