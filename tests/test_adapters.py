@@ -628,6 +628,9 @@ def test_token_kv_misfits_are_clear_errors(trained_token_kv, base, folder, data,
   with pytest.raises(adapters.AdapterError, match="rows are 3 wide"):
     adapters.apply(base, files.Adapter("custom_diffusion", deltas={}, tokens=adapter.tokens,
                                        meta={}, token_kv=wrong))
+  with pytest.raises(adapters.AdapterError, match="one row per new token"):
+    adapters.apply(base, files.Adapter("custom_diffusion", deltas={}, meta={},
+                                       token_kv=adapter.token_kv))
   with pytest.raises(adapters.AdapterError, match="no key/value token rows"):
     diffusers_format.save(str(tmp_path / "d"), adapter, base)
   with pytest.raises(ValueError, match="give customize.tokens"):

@@ -70,6 +70,10 @@ def check(adapter: Adapter, parts, where: str = "adapter", check_base: bool = Tr
                            f"{lora._torch_shape(tuple(d.shape))}, this model's is "
                            f"{lora._torch_shape(tuple(kernels[p].shape))}")
     if adapter.token_kv:
+      count = len(adapter.tokens.names) if adapter.tokens is not None else 0
+      if any(r.shape[0] != count for r in adapter.token_kv.values()):
+        raise ValueError(f"{where}: its key/value token rows need one row per new token "
+                         f"({count} tokens)")
       token_kv.check_shapes(adapter.token_kv, unet_params, where)
   except ValueError as e:
     raise AdapterError(str(e)) from None
