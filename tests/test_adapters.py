@@ -712,3 +712,17 @@ def test_merged_concepts_keep_each_concepts_token_rows(trained_token_kv, base):
   assert merged.tokens.names == ["<new1>", "<new2>"]
   for p, r in first.token_kv.items():
     np.testing.assert_array_equal(merged.token_kv[p], np.concatenate([r, 2.0 * r + 1.0]))
+
+
+def test_token_only_runs_get_their_own_default_learning_rate(folder):
+  """Without --lr, a run that trains only tokens (textual inversion) or tokens with their
+  key/value rows gets the rate the shapes-world example measured (5e-3, 2e-2), not
+  Custom Diffusion's 1e-5 for kernels, which would leave a token where it started."""
+  rates = {}
+  for targets in ("none", "token_kv", "to_k,to_v"):
+    settings = runner.Settings("custom_diffusion", targets=targets, tokens=("<new1>",),
+                               initializer=("red",))
+    rates[targets] = runner.config_for(folder, settings, "instruct_pix2pix", RES).learning_rate
+  assert rates == {"none": 5e-3, "token_kv": 2e-2, "to_k,to_v": 1e-5}
+  given = runner.Settings("custom_diffusion", learning_rate=0.3, targets="token_kv")
+  assert runner.config_for(folder, given, "instruct_pix2pix", RES).learning_rate == 0.3

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                  help="word whose embedding a new token starts from (one, or one per --token)")
   p.add_argument("--steps", type=int, default=250, help="optimizer steps")
   p.add_argument("--lr", type=float, default=None,
-                 help="learning rate (default: 1e-5 custom_diffusion, 1e-4 lora)")
+                 help="learning rate (default: 1e-5 custom_diffusion, 1e-4 lora; with "
+                      "--targets none 5e-3, --targets token_kv 2e-2)")
   p.add_argument("--batch-size", type=int, default=2, help="examples per step")
   p.add_argument("--rank", type=int, default=4, help="LoRA rank")
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
