@@ -585,9 +585,14 @@ def test_token_kv_adapter_in_the_pipeline(folder, trained_token_kv, tmp_path):
   image = np.random.default_rng(3).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
   kw = dict(num_inference_steps=2, seed=0, output_type="np")
   base_plain = pipe("make it red", image, **kw).images
+  plain_states = pipe.encode_prompt(["make it red"])  # [1, 77, width]
   pipe.load_adapter(out)
   np.testing.assert_allclose(pipe("make it red", image, **kw).images, base_plain,
                              rtol=0, atol=1e-5)
+  # Embeddings computed without the adapter (no mask channels) get an empty mask.
+  assert pipe.encode_prompt(["make it red"]).shape[-1] == plain_states.shape[-1] + 1
+  np.testing.assert_allclose(pipe(image=image, prompt_embeds=plain_states, **kw).images,
+                             base_plain, rtol=0, atol=1e-5)
   adapted = pipe("make it <new1>", image, **kw).images
   assert np.abs(adapted - base_plain).max() > 1e-3
   # Scale 0: the same as an adapter of the token alone (textual inversion).
