@@ -281,15 +281,11 @@ class _Pipeline:
     """The UNet as guidance calls it. With key/value-token rows loaded the text states
     carry the tokens' mask as their last channels (:meth:`_encode_text`), which
     ``token_kv.applied`` reads and takes off."""
+    network = lambda x, t, ctx: self.unet.apply({"params": params["unet"]}, x, t, ctx)
     if token_kv.KEY not in params:
-      return lambda x, t, ctx: self.unet.apply({"params": params["unet"]}, x, t, ctx)
+      return network
     rows = params[token_kv.KEY]
-
-    def network(x, t, ctx):
-      ctx, mask = token_kv.split(ctx, rows["ids"].shape[0])
-      with token_kv.applied(rows["rows"], mask):
-        return self.unet.apply({"params": params["unet"]}, x, t, ctx)
-    return network
+    return token_kv.reading_mask(network, rows["rows"], rows["ids"].shape[0])
 
   def encode_prompt(self, prompt: str | Sequence[str]) -> np.ndarray:
     """CLIP's last hidden states ``[N, 77, D]`` for the prompts (each distinct text

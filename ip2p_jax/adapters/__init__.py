@@ -136,15 +136,12 @@ def _stack_rows(loaded: dict | None, adapter: Adapter, tokenizer, scale: float) 
   after those already loaded; a layer one adapter leaves alone gets zero rows there."""
   import numpy as np
   ids = np.asarray(tokenizer.convert_tokens_to_ids(list(adapter.tokens.names)), np.int32)
-  rows = {p: scale * np.asarray(r, np.float32) for p, r in adapter.token_kv.items()}
+  new = ({p: scale * np.asarray(r, np.float32) for p, r in adapter.token_kv.items()}, len(ids))
   if loaded is None:
-    return {"ids": ids, "rows": rows}
-  old, n_old = loaded["rows"], len(loaded["ids"])
-  width = {p: np.shape(r)[-1] for p, r in {**rows, **old}.items()}
-  stacked = {p: np.concatenate([np.asarray(old.get(p, np.zeros((n_old, w), np.float32))),
-                                rows.get(p, np.zeros((len(ids), w), np.float32))])
-             for p, w in width.items()}
-  return {"ids": np.concatenate([np.asarray(loaded["ids"]), ids]), "rows": stacked}
+    return {"ids": ids, "rows": token_kv.stack([new])}
+  old = (loaded["rows"], len(loaded["ids"]))
+  return {"ids": np.concatenate([np.asarray(loaded["ids"]), ids]),
+          "rows": token_kv.stack([old, new])}
 
 
 def load_into(pipe, path: str, scale: float = 1.0, check_base: bool = True) -> None:
@@ -223,12 +220,8 @@ def merge_custom_diffusion(parts, concepts: list, reg_prompts: list[str] | None 
                                   np.concatenate([t.embeddings for t in toks]))
   rows = None
   if any(a.token_kv for a in loaded):  # each adapter's rows for its own tokens, in order
-    import numpy as np
-    widths = {p: r.shape[-1] for a in loaded for p, r in (a.token_kv or {}).items()}
-    with_names = [a for a in loaded if a.tokens is not None and a.tokens.names]
-    rows = {p: np.concatenate([(a.token_kv or {}).get(p, np.zeros((len(a.tokens.names), w),
-                                                                  np.float32))
-                               for a in with_names]) for p, w in widths.items()}
+    rows = token_kv.stack([(a.token_kv or {}, len(a.tokens.names)) for a in loaded
+                           if a.tokens is not None and a.tokens.names])
   meta = {"base": base_description(parts.modules["unet"], parts.params["unet"], list(deltas)),
           "prompts": [p for a in loaded for p in a.meta["prompts"]],
           "merged_from": len(loaded)}

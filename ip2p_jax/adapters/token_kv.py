@@ -12,7 +12,8 @@ layer ``l`` and new tokens ``1..T`` with rows ``R_k^l, R_v^l [T, inner]``::
 
 with ``c`` the text encoder's states ``[L, width]`` and ``M [L, T]`` the one-hot of the new
 tokens at each position. A prompt without the tokens has ``M = 0``: its keys and values,
-hence its edit, are the base model's bit for bit, and the UNet's weights are untouched.
+hence its edit, are the base model's (to float32 rounding: the zero rows added change
+XLA's fusions), and the UNet's weights are untouched.
 Trained with the tokens' embedding rows (``config.customize.targets = "token_kv"``).
 
 The rows live in the parameter tree under ``params["token_kv"] = {"ids": int32 [T],
@@ -20,8 +21,8 @@ The rows live in the parameter tree under ``params["token_kv"] = {"ids": int32 [
 through :func:`applied`, a flax method interceptor on the named ``to_k``/``to_v`` layers,
 so the UNet module itself has no hook and pays nothing when no rows are loaded. The
 pipelines carry ``M`` as ``T`` extra channels of the text states (:func:`with_mask`), so
-guidance's concatenated conditionings keep each row's mask aligned; :func:`split` takes
-them off before the UNet.
+guidance's concatenated conditionings keep each row's mask aligned; :func:`reading_mask`
+wraps the UNet call to take them off and apply the rows.
 """
 from __future__ import annotations
 
@@ -80,9 +81,22 @@ def with_mask(states: jax.Array, ids: jax.Array, token_ids: jax.Array) -> jax.Ar
   return jnp.concatenate([states, mask(ids, token_ids).astype(states.dtype)], -1)
 
 
-def split(context: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  """The inverse of :func:`with_mask`: ``(states, mask)``."""
-  return context[..., :-count], context[..., -count:].astype(jnp.float32)
+def reading_mask(network, rows: Mapping[str, jax.Array], count: int):
+  """``network(x, t, context)`` for contexts made by :func:`with_mask`: the ``count``
+  mask channels taken off, the rows applied where they mark the tokens."""
+  def wrapped(x, t, context):
+    states, token_mask = context[..., :-count], context[..., -count:].astype(jnp.float32)
+    with applied(rows, token_mask):
+      return network(x, t, states)
+  return wrapped
+
+
+def stack(row_sets: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+  """Several adapters' rows ``(rows, token count)`` as one set, their tokens in order; a
+  layer an adapter leaves alone gets zero rows for its tokens."""
+  widths = {p: np.shape(r)[-1] for rows, _ in row_sets for p, r in rows.items()}
+  return {p: np.concatenate([np.asarray(rows.get(p, np.zeros((n, w), np.float32)), np.float32)
+                             for rows, n in row_sets]) for p, w in widths.items()}
 
 
 def check_shapes(rows: Mapping[str, np.ndarray], unet_params: Mapping, where: str) -> None:

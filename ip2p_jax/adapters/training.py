@@ -170,20 +170,22 @@ class Customization:
     """The objective on the trained tree; a batch with a ``"prior"`` sub-batch adds its
     loss times ``prior_weight`` (prior preservation, Ruiz et al. 2023 / Kumari et al.
     2023: regularisation examples keep the base model's behaviour)."""
-    if self.token_kv:
-      loss = self._with_token_rows(loss)
-
     def wrapped(params, frozen, batch, rng):
       params = self.stop_frozen(params)
+      rows = self.token_rows(params, frozen)
       unet, frozen = self.merged(params, frozen)
-      if self.token_kv:  # the objective reads them through the interceptor
-        frozen = {**frozen, token_kv_lib.KEY: params[token_kv_lib.KEY]}
+
+      def objective(examples, key):  # key/value token rows where the batch's ids hold them
+        if rows is None:
+          return loss(unet, frozen, examples, key)
+        with token_kv_lib.applied(rows[0], token_kv_lib.mask(examples["input_ids"], rows[1])):
+          return loss(unet, frozen, examples, key)
       if "prior" not in batch:
-        return loss(unet, frozen, batch, rng)
+        return objective(batch, rng)
       k_inst, k_prior = jax.random.split(rng)
       instance = {k: v for k, v in batch.items() if k != "prior"}
-      l_inst, _ = loss(unet, frozen, instance, k_inst)
-      l_prior, _ = loss(unet, frozen, batch["prior"], k_prior)
+      l_inst, _ = objective(instance, k_inst)
+      l_prior, _ = objective(batch["prior"], k_prior)
       total = l_inst + self.prior_weight * l_prior
       return total, {"loss": total, "instance_loss": l_inst, "prior_loss": l_prior}
     return wrapped
@@ -196,17 +198,6 @@ class Customization:
     n = len(self.token_names)
     vocab = tokens_lib.embedding_table(frozen["text_encoder"]).shape[0]
     return params[token_kv_lib.KEY], jnp.arange(vocab - n, vocab)
-
-  def _with_token_rows(self, loss: Callable) -> Callable:
-    """``loss`` with the key/value token rows (``frozen["token_kv"]``) added where the
-    batch's ``input_ids`` hold the new tokens (their ids: the last rows of the table)."""
-
-    def with_rows(unet, frozen, batch, rng):
-      frozen = dict(frozen)
-      rows, ids = self.token_rows({token_kv_lib.KEY: frozen.pop(token_kv_lib.KEY)}, frozen)
-      with token_kv_lib.applied(rows, token_kv_lib.mask(batch["input_ids"], ids)):
-        return loss(unet, frozen, batch, rng)
-    return with_rows
 
   def wrap_job(self, job):
     """``job`` training the trained tree instead of the whole UNet."""

@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
                       "exactly as the base does; 'token_kv' with custom_diffusion and --token: "
                       "the tokens and, per cross-attention layer, a key and a value row added "
                       "where they sit (ip2p_jax.adapters.token_kv; prompts without them edit "
-                      "exactly as the base does)")
+                      "as the base does, to float rounding)")
   p.add_argument("--prior", action="append", default=[], metavar="DIR",
                  help="regularisation examples (prior preservation; repeatable)")
   p.add_argument("--prior-weight", type=float, default=1.0, help="weight of --prior's loss")

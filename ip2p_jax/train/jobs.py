@@ -177,11 +177,13 @@ def build(config, place: Callable | None = None) -> Job:
                        "data.latents (scripts/build_latent_cache.py)")
     elif stage == "instruct_pix2pix":
       loss = objectives.instruct_pix2pix(module, vae, text, schedule, empty,
-                                         dropout=_text_dropout(custom, config.conditioning_dropout),
+                                         dropout=_text_dropout(custom,
+                                                               config.conditioning_dropout),
                                          min_snr_gamma=gamma)
     else:
       loss = objectives.text_to_image(module, vae, text, schedule, empty,
-                                      caption_dropout=_text_dropout(custom, config.caption_dropout),
+                                      caption_dropout=_text_dropout(custom,
+                                                                    config.caption_dropout),
                                       min_snr_gamma=gamma)
     job = Job(stage, module, lambda k: _random_params(module, k), load, frozen_modules,
               frozen_params, loss, tokenizer, scheduler_config)
@@ -325,12 +327,7 @@ def sampler(job: Job, steps: int, seed: int = 0, text_scale: float = 7.5,
     scale = lambda s: jnp.full((b,), s, jnp.float32)
     network = lambda x, t, ctx: job.module.apply({"params": params}, x, t, ctx)
     if rows is not None:  # key/value token rows where the new tokens sit (as the pipelines)
-      plain = network
-
-      def network(x, t, ctx):
-        ctx, mask = token_kv.split(ctx, rows[1].shape[0])
-        with token_kv.applied(rows[0], mask):
-          return plain(x, t, ctx)
+      network = token_kv.reading_mask(network, rows[0], rows[1].shape[0])
     size = inputs["pixels"].shape[1] // (2 ** (len(vae.config.block_out_channels) - 1))
     if job.stage == "instruct_pix2pix":
       image = vae.apply({"params": frozen["vae"]}, objectives.to_unit(inputs["pixels"]),
