@@ -1,6 +1,8 @@
 """Shared pieces of the benchmarks: random diffusers pipelines of a few sizes, timing."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import sys
@@ -63,3 +65,19 @@ def machine() -> str:
   import jax
   cores = os.cpu_count()
   return f"{platform.processor() or platform.machine()}, {cores} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}"
+
+
+@contextlib.contextmanager
+def exclusive_device():
+  """Holds the lock file named by ``$IP2P_DEVICE_LOCK`` (if set) for a timed section, so
+  benchmarks that share one accelerator (compiling side by side) never time at once."""
+  path = os.environ.get("IP2P_DEVICE_LOCK")
+  if not path:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -18,11 +18,12 @@ the ratio.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
-from common import machine
+from common import exclusive_device, machine
 
 # Published dense bf16 peaks (TFLOP/s, without sparsity), by device_kind substring:
 #   H100 SXM / H200: NVIDIA H100 and H200 datasheets, 989 TFLOP/s; H100 PCIe 756;
@@ -55,8 +56,9 @@ def build(tiny: bool, resolution: int, remat: bool):
   return config, jobs.build(config)
 
 
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
+def flops_of(program) -> float:
+  """FLOPs of a lowered or compiled program, from XLA's cost analysis."""
+  cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 
@@ -92,11 +94,14 @@ def run_ours(config, job, batch_size: int, steps: int):
     compile_s = time.perf_counter() - started
     state, metrics = compiled(state, job.frozen_params, batch)
     jax.block_until_ready(metrics)
-    started = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = compiled(state, job.frozen_params, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - started) / steps
+    with exclusive_device():
+      started = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, job.frozen_params, batch)
+      jax.block_until_ready(metrics)
+      seconds = (time.perf_counter() - started) / steps
+    print(f"# ours, batch {batch_size}: {seconds:.4f} s/step, compile {compile_s:.0f} s",
+          flush=True)
 
     unet, dtype = job.module, jnp.dtype(config.model.compute_dtype)
     latent = r // 2 ** (len(config.model.vae["block_out_channels"]) - 1)
@@ -104,7 +109,7 @@ def run_ours(config, job, batch_size: int, steps: int):
     t = jnp.zeros((batch_size,), jnp.int32)
     ctx = jnp.zeros((batch_size, 77, unet.config.cross_attention_dim), dtype)
     unet_loss = lambda p: jnp.mean(unet.apply({"params": p}, x, t, ctx).astype(jnp.float32))
-    unet_flops = flops_of(jax.jit(jax.grad(unet_loss)).lower(state.params).compile())
+    unet_flops = flops_of(jax.jit(jax.grad(unet_loss)).lower(state.params))
   return seconds, flops_of(compiled), unet_flops, compile_s
 
 
@@ -152,11 +157,12 @@ def run_torch(config, batch_size: int, steps: int) -> float | None:
 
   step()
   torch.cuda.synchronize()
-  started = time.perf_counter()
-  for _ in range(steps):
-    step()
-  torch.cuda.synchronize()
-  return (time.perf_counter() - started) / steps
+  with exclusive_device():
+    started = time.perf_counter()
+    for _ in range(steps):
+      step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
 
 
 def main():
@@ -182,7 +188,12 @@ def main():
   print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for b in args.batch:
     seconds, flops, unet_flops, compile_s = run_ours(config, job, b, args.steps)
-    theirs = None if args.no_torch else run_torch(config, b, args.steps)
+    theirs = None
+    if not args.no_torch:
+      try:
+        theirs = run_torch(config, b, args.steps)
+      except Exception as e:  # the reference failing must not lose our numbers
+        print(f"# PyTorch failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     mfu = lambda f: f"{f / seconds / (peak * 1e12):.1%}" if peak else "-"
     ratio = f"{seconds / theirs:.2f}" if theirs else "-"
     print(f"| {b} | {seconds:.4f} | {1 / seconds:.2f} | {b / seconds:.1f} | {flops / 1e12:.2f} "

@@ -5,6 +5,8 @@ evaluates each with ``ip2p eval``). Same data, VAE, text encoder and schedule as
 but this repository travels to the accelerator.
 
   cont          stage 2 continued from the bundled editor (its UNet), 8x the CPU batch
+  cont_big      the same at 32x the CPU batch (1024) and twice the learning rate: whether a
+                GPU that the small UNet leaves idle at 256 turns a bigger batch into progress
   wide_t2i      stage 1 for a bigger UNet (about 2x the parameters): 96 channels at 16x16,
                 cross-attention at every level (16x16, 8x8 and 4x4) and two layers per
                 block, from random
@@ -21,7 +23,7 @@ WIDE_UNET = {**default_model.UNET, "block_out_channels": [96, 128, 128],
              "layers_per_block": 2, "attention_head_dim": 8,
              "down_block_types": ["CrossAttnDownBlock2D"] * 3,
              "up_block_types": ["CrossAttnUpBlock2D"] * 3}
-STAGES = ("cont", "wide_t2i", "wide", "wide_scratch")
+STAGES = ("cont", "cont_big", "wide_t2i", "wide", "wide_scratch")
 
 
 def get_config(stage="cont"):
@@ -46,13 +48,18 @@ def get_config(stage="cont"):
   c.eval_num = 64
   c.eval_batch_size = 64
   latent = default_model.VAE["latent_channels"]
-  if stage == "cont":
+  if stage in ("cont", "cont_big"):
     c.model.init_from = BUNDLED  # its UNet; the encoders are the same folders
     c.learning_rate = 2e-4
     c.warmup_steps = 50
   else:
     c.model.unet = {**WIDE_UNET, "in_channels": latent if stage == "wide_t2i" else 2 * latent,
                     "out_channels": latent}
+  if stage == "cont_big":
+    c.batch_size = 1024
+    c.learning_rate = 4e-4
+    c.data.worker_count = 8
+    c.eval_every = 200  # 200 x 1024 examples: about cont's 500 x 256 between evaluations, x1.6
   if stage == "wide":
     c.model.init_from = f"{RUNS}/wide_t2i/export"
   return c

@@ -91,6 +91,30 @@ def test_pipeline_round_trip_through_diffusers(ip2p_pipeline_folder, tmp_path):
   assert again.tokenizer("a cat").input_ids == parts.tokenizer("a cat").input_ids
 
 
+def test_a_pipeline_built_in_code_saves_a_folder_diffusers_opens(ip2p_pipeline_folder, tmp_path):
+  """A pipeline assembled in code has no model_index of its own (the GPU edit benchmark
+  builds one so): the saved index must still name the pipeline class, which diffusers'
+  generic loader reads to know what to build."""
+  import dataclasses
+
+  import diffusers
+  for in_channels, cls in ((8, "StableDiffusionInstructPix2PixPipeline"),
+                           (4, "StableDiffusionPipeline")):
+    parts = load_pipeline(str(ip2p_pipeline_folder[0]))
+    parts.model_index = {}
+    if in_channels == 4:  # a text-to-image UNet: 4 latent channels in, 4 out
+      module = parts.modules["unet"]
+      parts.modules["unet"] = module.clone(
+          config=dataclasses.replace(module.config, in_channels=4))
+      kernel = parts.params["unet"]["conv_in"]["kernel"]
+      parts.params["unet"]["conv_in"]["kernel"] = kernel[:, :, :4]
+    save_pipeline(str(tmp_path / cls), parts)
+    loaded = diffusers.DiffusionPipeline.from_pretrained(
+        tmp_path / cls, local_files_only=True, safety_checker=None)
+    assert type(loaded).__name__ == cls
+    assert loaded.unet.config.in_channels == in_channels
+
+
 def test_fp16_and_sharded_files_load(tmp_path):
   ref = _torch_unet()
   ref.half().save_pretrained(tmp_path / "fp16", variant="fp16")

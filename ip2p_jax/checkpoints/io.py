@@ -388,6 +388,11 @@ def save_pipeline(path: str, parts: PipelineParts, *, dtype: Any = None) -> None
   if parts.scheduler_config:
     index["scheduler"] = ["diffusers", parts.scheduler_config.get("_class_name",
                                                                  "EulerAncestralDiscreteScheduler")]
+  # a pipeline built in code has no index yet: an 8-channel UNet (noisy + image latents)
+  # is an editor, anything else a text-to-image model
+  unet = parts.modules["unet"].config
+  index.setdefault("_class_name", "StableDiffusionInstructPix2PixPipeline"
+                   if unet.in_channels == 2 * unet.out_channels else "StableDiffusionPipeline")
   for optional in ("safety_checker", "feature_extractor", "image_encoder"):
     index.setdefault(optional, [None, None])
   index.setdefault("requires_safety_checker", False)
