@@ -98,7 +98,9 @@ def main():
   args = p.parse_args()
   peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
   print(f"machine: {machine()}; peak {peak or 'unknown'} TFLOP/s bf16")
+  started = time.perf_counter()
   pipe = build_pipeline(jnp.bfloat16, args.tiny)
+  print(f"# random weights initialised in {time.perf_counter() - started:.1f} s", flush=True)
   latent = args.resolution // pipe.vae_scale_factor
   rng = np.random.default_rng(0)
   print("| batch | s/batch | images/s | UNet TFLOP per step | UNet MFU | compile+first s "
@@ -111,6 +113,7 @@ def main():
     t = time.perf_counter()
     run()
     first = time.perf_counter() - t
+    print(f"# batch {b}: first call (compilation) {first:.1f} s", flush=True)
     times = []
     with exclusive_device():
       for _ in range(args.repeats):

@@ -84,7 +84,9 @@ def run_ours(config, job, batch_size: int, steps: int):
            "edited_image": rng.integers(0, 256, (batch_size, r, r, 3), dtype=np.uint8),
            "input_ids": tokenizers.tokenize(job.tokenizer, ["make it snowy"] * batch_size)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    started = time.perf_counter()
     params = sharding.strip_boxes(jax.jit(job.init_params)(jax.random.key(0)))
+    print(f"# UNet initialised in {time.perf_counter() - started:.1f} s", flush=True)
     state = state_lib.create(params, optimizer, 0)
     step = jax.jit(make_step(job.loss, optimizer, schedule, ema_decay=config.ema_decay),
                    donate_argnums=(0,))
@@ -92,6 +94,7 @@ def run_ours(config, job, batch_size: int, steps: int):
     started = time.perf_counter()
     compiled = step.lower(state, job.frozen_params, batch).compile()
     compile_s = time.perf_counter() - started
+    print(f"# batch {batch_size}: step compiled in {compile_s:.1f} s", flush=True)
     state, metrics = compiled(state, job.frozen_params, batch)
     jax.block_until_ready(metrics)
     with exclusive_device():
@@ -179,7 +182,9 @@ def main():
   import jax
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or peak_tflops(kind)
+  started = time.perf_counter()
   config, job = build(args.tiny, args.resolution, args.remat)
+  print(f"# frozen encoders initialised in {time.perf_counter() - started:.1f} s", flush=True)
   print(f"machine: {machine()}; peak {peak or 'unknown'} TFLOP/s bf16")
   print(f"{'tiny' if args.tiny else 'SD 1.5'} stage-2 step, {args.resolution} px, "
         f"{config.model.compute_dtype} compute, float32 weights, remat={args.remat}")

@@ -97,3 +97,34 @@ def test_cpu_default_is_flash_and_masks_go_to_xla():
 def test_cudnn_is_not_chosen_off_gpu():
   q = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
   assert not layers.cudnn_takes(q, q, q)
+
+
+def test_a_cudnn_refusal_falls_back_to_xla(monkeypatch):
+  """On a GPU the kernel is chosen before cuDNN sees the call; where cuDNN's own checks
+  refuse the shapes at trace time (an H200 with jax 0.11.2 refused the training step's
+  cross-attention, 1024 queries against 77 keys), the chosen path must fall back to XLA
+  with the same values and gradients, and an explicit "cudnn" must still raise."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def picky(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    if implementation == "cudnn":
+      raise NotImplementedError("Unsupported sequence length Q 16, KV 7.")
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", picky)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers, "cudnn_takes", lambda *a, **k: True)
+  q, _, _, _ = operands(2, 16, 16, 2, 8)
+  _, k, v, _ = operands(2, 7, 7, 2, 8)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  ours = jax.value_and_grad(loss(layers.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.value_and_grad(loss(lambda *a: real(*a, implementation="xla")),
+                            argnums=(0, 1, 2))(q, k, v)
+  assert calls[:2] == ["cudnn", "xla"]  # tried, refused, fell back
+  np.testing.assert_allclose(ours[0], want[0], atol=TOL)
+  for a, b in zip(ours[1], want[1]):
+    np.testing.assert_allclose(a, b, atol=TOL)
+  with pytest.raises(NotImplementedError):
+    layers.dot_product_attention(q, k, v, implementation="cudnn")

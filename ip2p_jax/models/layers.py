@@ -136,8 +136,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   The one attention function of the package. ``implementation``:
     * None: chosen per backend: "flash" on CPU without a mask; "cudnn" on an NVIDIA
-      GPU where cuDNN's flash kernel takes the call (:func:`cudnn_takes`); "xla"
-      otherwise (masks on CPU, float32 on GPU, TPU);
+      GPU where cuDNN's flash kernel takes the call (:func:`cudnn_takes`, then cuDNN's
+      own checks at trace time: a refusal falls back to XLA); "xla" otherwise (masks on
+      CPU, float32 on GPU, TPU);
     * "flash": :func:`flash_attention`, blocked, its backward recomputing the scores
       instead of keeping the probability matrix; no masks;
     * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (XLA's one-shot softmax, or
@@ -149,7 +150,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   intercepts :meth:`Attention.attend`, which receives the projected query, key and
   value before any kernel runs (see there).
   """
-  if implementation is None:
+  chosen = implementation is None
+  if chosen:
     if jax.default_backend() == "cpu":
       implementation = "flash" if mask is None and not is_causal else "xla"
     else:
@@ -166,6 +168,15 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     if mask is not None or is_causal:
       raise ValueError("flash attention does not take masks; use implementation='xla'")
     return flash_attention(query, key, value).astype(dtype)
+  if implementation == "cudnn" and chosen:
+    try:
+      return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                          implementation="cudnn").astype(dtype)
+    except NotImplementedError:
+      # cuDNN's own shape checks, which vary with its version and with differentiation
+      # (measured on an H200, jax 0.11.2: the training step's cross-attention, 1024
+      # queries against 77 keys, is refused); XLA's kernel takes every shape
+      implementation = "xla"
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
                                       implementation=implementation).astype(dtype)
 
