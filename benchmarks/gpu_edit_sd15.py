@@ -23,7 +23,7 @@ import numpy as np
 
 import sys
 
-from common import exclusive_device, machine
+from common import exclusive_device, host_random_params, machine
 from gpu_train_sd15 import flops_of, peak_tflops
 
 
@@ -32,15 +32,11 @@ def build_pipeline(dtype, tiny: bool):
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax import tokenizer as tokenizers
   from ip2p_jax.checkpoints import PipelineParts, module_from_config
-  from ip2p_jax.sharding import strip_boxes
   configs = ((presets.TINY_IP2P_UNET, presets.TINY_VAE, presets.TINY_CLIP_TEXT) if tiny else
              (presets.IP2P_UNET, presets.SD15_VAE, presets.CLIP_L14_TEXT))
   modules = {name: module_from_config(raw, dtype=dtype, param_dtype=dtype)
              for name, raw in zip(("unet", "vae", "text_encoder"), configs)}
-  params = {}
-  for i, (name, m) in enumerate(modules.items()):
-    init = jax.jit(lambda k, m=m: m.init(k, *m.dummy_inputs()))
-    params[name] = strip_boxes(init(jax.random.key(i))["params"])
+  params = {name: host_random_params(m, seed=i) for i, (name, m) in enumerate(modules.items())}
   scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", "beta_schedule": "scaled_linear",
                "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "leading",
                "steps_offset": 1}

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from common import exclusive_device, machine
+from common import exclusive_device, host_random_params, machine
 
 # Published dense bf16 peaks (TFLOP/s, without sparsity), by device_kind substring:
 #   H100 SXM / H200: NVIDIA H100 and H200 datasheets, 989 TFLOP/s; H100 PCIe 756;
@@ -53,6 +53,17 @@ def build(tiny: bool, resolution: int, remat: bool):
     config.model.unet = models.TINY_IP2P_UNET
     config.model.vae = models.TINY_VAE
     config.model.text_encoder = models.TINY_CLIP_TEXT
+  # the frozen encoders' random weights, drawn on the host and read back as folders
+  import tempfile
+
+  import jax.numpy as jnp
+
+  from ip2p_jax.checkpoints import module_from_config, save_component
+  for name, preset in (("vae", config.model.vae), ("text_encoder", config.model.text_encoder)):
+    module = module_from_config(dict(preset), dtype=jnp.float32, param_dtype=jnp.float32)
+    folder = tempfile.mkdtemp(prefix=f"bench_{name}_")
+    save_component(folder, module, host_random_params(module, seed=1))
+    config.model[f"{name}_from"] = folder
   return config, jobs.build(config)
 
 
@@ -85,7 +96,7 @@ def run_ours(config, job, batch_size: int, steps: int):
            "input_ids": tokenizers.tokenize(job.tokenizer, ["make it snowy"] * batch_size)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     started = time.perf_counter()
-    params = sharding.strip_boxes(jax.jit(job.init_params)(jax.random.key(0)))
+    params = host_random_params(job.module)
     print(f"# UNet initialised in {time.perf_counter() - started:.1f} s", flush=True)
     state = state_lib.create(params, optimizer, 0)
     step = jax.jit(make_step(job.loss, optimizer, schedule, ema_decay=config.ema_decay),

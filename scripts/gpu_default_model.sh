@@ -3,7 +3,7 @@
 # default model's stage 2 continued at GPU batch sizes (configs/default_model_gpu.py),
 # exported, packed and evaluated with `ip2p eval`.
 #
-#   BUDGET=565 OUT=runs/gpu/out ./scripts/gpu_default_model.sh
+#   BUDGET=545 OUT=runs/gpu/out ./scripts/gpu_default_model.sh
 #   BUDGET=420 NUM=256 EVAL_NUM=8 SKIP_BENCH=1 \
 #     TRAIN_FLAGS='--config.batch_size=8 --config.eval_every=4' ./scripts/gpu_default_model.sh  # dry run
 #
@@ -20,15 +20,22 @@
 # Every phase has its own time limit and the timeline and logs are copied into OUT as
 # they come, so a run stopped from outside still returns what it did.
 #
-# On the lent accelerator (wheels in an ignored .whl/, see BENCHMARKS.md "The GPU path"):
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-#   export PYTHONPATH=/tmp/site:$PWD && mkdir -p /tmp/bin &&
-#   printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >/tmp/bin/python &&
-#   chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH &&
-#   timeout 590 env BUDGET=565 OUT=$OUT ./scripts/gpu_default_model.sh
+# On the lent accelerator (wheels in an ignored .whl/, see BENCHMARKS.md "The GPU path"),
+# the one command of the 2026-11-28 lease (timeout_s 600; carry .whl):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whl/*.whl > $OUT/run.log 2>&1; export PYTHONPATH=/tmp/site:$PWD;
+#   mkdir -p /tmp/bin; printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" \
+#     > /tmp/bin/python; chmod +x /tmp/bin/python; export PATH=/tmp/bin:$PATH;
+#   timeout -s TERM -k 5 565 env BUDGET=545 BENCH_UNTIL=220 OUT=$OUT \
+#     ./scripts/gpu_default_model.sh >> $OUT/run.log 2>&1;
+#   pkill -9 -f '[s]cripts/train\.py'; pkill -9 -f '[b]enchmarks/gpu_'; pkill -9 -f '[i]p2p_jax\.cli'
+#   tail -c 11000 $OUT/run.log
+# Output goes to a file, not the tool's stdout (background jobs holding it open would keep
+# the call waiting); the bracketed patterns keep pkill from matching the command's own
+# shell, whose command line holds the plain words.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUDGET=${BUDGET:-565}
+BUDGET=${BUDGET:-545}
 BENCH_UNTIL=${BENCH_UNTIL:-250}
 FINISH=${FINISH:-110}         # seconds kept after training: export, pack, eval
 NUM=${NUM:-12000}             # training triplets (smaller for a dry run on a CPU)

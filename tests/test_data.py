@@ -2,6 +2,7 @@
 and the grain pipeline's determinism, sharding, paired augmentation and resume."""
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -110,6 +111,28 @@ def test_shapes_world_builder(tmp_path):
   # Rebuilding is a no-op that returns the stored report.
   assert builders.build("shapes_world", str(tmp_path), builders.ShapesWorldConfig(
       name="t", size=32, num_train=12, num_heldout=3, seed=5))[1] == report
+
+
+def test_shapes_world_rendered_by_worker_processes_writes_the_same_files(tmp_path, monkeypatch):
+  """Large splits are rendered by a process pool; every example is a function of
+  (seed, index) and the pool keeps their order, so the files are byte for byte the
+  serial build's."""
+  def build(where):
+    path, report = builders.build("shapes_world", str(tmp_path / where),
+                                  builders.ShapesWorldConfig(name="p", size=16, num_train=40,
+                                                             num_heldout=0, seed=3))
+    assert report == {"train_written": 40}
+    files = sorted(f for f in os.listdir(path) if ".array_record" in f)
+    return [open(os.path.join(path, f), "rb").read() for f in files]
+
+  serial = build("serial")
+  monkeypatch.setattr(builders, "SHAPES_PARALLEL_FROM", 10)
+  contexts = []
+  real = builders.multiprocessing.get_context
+  monkeypatch.setattr(builders.multiprocessing, "get_context",
+                      lambda method: contexts.append(method) or real(method))
+  assert build("pool") == serial and len(serial) == 1
+  assert contexts == ["spawn"]  # the pool did render them
 
 
 def test_instructpix2pix_folder_format_skips_and_counts(tmp_path):

@@ -67,6 +67,24 @@ def test_latent_cache_matches_the_encoders(tmp_path):
   batch = next(iter(loader))
   assert batch["image_latent"].shape == (2, 8, 8, 4)
 
+  # Read from memory (the default for small caches, what GPU runs need for speed) or
+  # record by record from the file: the same records, and the same shuffled batches.
+  on_disk = latent_cache.LatentCacheSource(str(tmp_path / "cache.array_record"),
+                                           in_memory=False)
+  assert cache.in_memory and not on_disk.in_memory
+  for i in range(n):
+    assert sorted(cache[i]) == sorted(on_disk[i])
+    for key in cache[i]:
+      np.testing.assert_array_equal(cache[i][key], on_disk[i][key])
+  cache[0].pop("text")  # a caller changing a record does not change the cache
+  assert "text" in cache[0]
+  batches = [list(latent_cache.make_loader(
+      c, latent_cache.LatentLoaderConfig(batch_size=2, seed=3, num_epochs=2),
+      shard_index=0, shard_count=1)) for c in (cache, on_disk)]
+  assert len(batches[0]) == len(batches[1]) == 5
+  for a, b in zip(*batches):
+    np.testing.assert_array_equal(a["image_latent"], b["image_latent"])
+
 
 def test_a_source_with_nothing_to_import_is_one_line_and_leaves_nothing(tmp_path):
   """An ``ip2p synth`` output that kept no pair (an empty seeds.json), then one whose only
