@@ -264,3 +264,39 @@ def test_packaged_tokenizer_gives_clip_ids():
   ids = tokenizers.tokenize(tok, ["turn the sky red", ""])
   assert ids.shape == (2, 77) and ids.dtype == np.int32
   assert list(ids[1, :3]) == [49406, 49407, 49407]  # empty prompt: start, end, padding
+
+
+def test_parameter_shapes_are_kept_beside_the_compilation_cache(tmp_path, monkeypatch):
+  """``abstract_params`` traces ``init`` once per module and code version where JAX's
+  persistent compilation cache is on (a CLI run's model load then skips ~1.1 s): the
+  stored table gives the traced shapes and dtypes, another config gets its own entry, an
+  unreadable entry is traced again, and with the cache off nothing is written."""
+  import jax.numpy as jnp
+  from flax import traverse_util
+
+  from ip2p_jax.checkpoints import abstract_params, module_from_config
+  flat = lambda tree: {k: (v.shape, v.dtype) for k, v in traverse_util.flatten_dict(tree).items()}
+  unet = module_from_config(presets.TINY_IP2P_UNET, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  other = module_from_config(presets.TINY_UNET)
+  from ip2p_jax.checkpoints import io
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    with monkeypatch.context() as m:  # the cache off: nothing is written
+      m.setattr(io, "atomic_write", lambda *a, **k: pytest.fail("wrote a shape table"))
+      traced = flat(abstract_params(unet))
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    assert flat(abstract_params(unet)) == traced
+    stored = os.listdir(tmp_path / "ip2p_param_shapes")
+    assert len(stored) == 1
+    with monkeypatch.context() as m:  # read back without tracing anything
+      m.setattr(jax, "eval_shape", lambda *a, **k: pytest.fail("traced again"))
+      again = flat(abstract_params(unet))
+    assert again == traced and all(d == jnp.bfloat16 for _, d in again.values())
+    assert flat(abstract_params(other)) != traced
+    assert len(os.listdir(tmp_path / "ip2p_param_shapes")) == 2
+    (tmp_path / "ip2p_param_shapes" / stored[0]).write_text("{not json")
+    assert flat(abstract_params(unet)) == traced  # traced again, and rewritten
+    assert flat(abstract_params(unet)) == traced
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
