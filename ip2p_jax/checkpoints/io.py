@@ -177,8 +177,10 @@ def abstract_params(module: nn.Module) -> dict:
 
 def _shapes_key(module: nn.Module) -> str:
   """What a module's parameter shapes depend on: its class, fields (config, dtypes) and
-  the code that defines it."""
-  text = f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}\n{_models_digest()}"
+  the code that defines it (ours, flax's)."""
+  import flax
+  text = (f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}\n"
+          f"{_models_digest()}\nflax {flax.__version__}")
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
