@@ -36,7 +36,6 @@ def get_config(stage="cont"):
   c.model.tokenizer_from = f"{BUNDLED}/tokenizer"
   c.data.path = f"{RUNS}/data"  # built there by the script (same seed: the same triplets)
   c.data.latents = LATENTS
-  c.data.worker_count = 4
   c.batch_size = 256  # learning rate and warm-up: default_model's (3e-4, 100 steps)
   # Runs are stopped by the clock (SIGTERM saves), so the length is only an upper bound.
   c.total_steps = 100_000
@@ -58,7 +57,6 @@ def get_config(stage="cont"):
   if stage == "cont_big":
     c.batch_size = 1024
     c.learning_rate = 4e-4
-    c.data.worker_count = 8
     c.eval_every = 200  # 200 x 1024 examples: about cont's 500 x 256 between evaluations, x1.6
   if stage == "wide":
     c.model.init_from = f"{RUNS}/wide_t2i/export"

@@ -8,7 +8,7 @@
 #     TRAIN_FLAGS='--config.batch_size=8 --config.eval_every=4' ./scripts/gpu_default_model.sh  # dry run
 #
 # Timeline (seconds from the start; BUDGET is the whole script's):
-#   1. the shapes data on one CPU core, beside it the two GPU benchmarks (edit at SD 1.5
+#   1. the shapes data (a process pool on the CPU), beside it the two GPU benchmarks (edit at SD 1.5
 #      size, batch 8; train step at SD 1.5 size, batch 8 then 32), compiling side by side;
 #      their timed sections take turns on a lock file, and so does the latent cache,
 #      which is built on the GPU once the data is there;
@@ -29,7 +29,8 @@
 #     > /tmp/bin/python; chmod +x /tmp/bin/python; export PATH=/tmp/bin:$PATH;
 #   timeout -s TERM -k 5 565 env BUDGET=545 BENCH_UNTIL=220 OUT=$OUT \
 #     ./scripts/gpu_default_model.sh >> $OUT/run.log 2>&1;
-#   pkill -9 -f '[s]cripts/train\.py'; pkill -9 -f '[b]enchmarks/gpu_'; pkill -9 -f '[i]p2p_jax\.cli'
+#   pkill -9 -f '[s]cripts/train\.py'; pkill -9 -f '[b]enchmarks/gpu_'; pkill -9 -f '[i]p2p_jax\.cli';
+#   pkill -9 -f '[b]uild_latent'
 #   tail -c 11000 $OUT/run.log
 # Output goes to a file, not the tool's stdout (background jobs holding it open would keep
 # the call waiting); the bracketed patterns keep pkill from matching the command's own
@@ -38,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-545}
 BENCH_UNTIL=${BENCH_UNTIL:-250}
-FINISH=${FINISH:-60}          # seconds kept after training: export and pack
+FINISH=${FINISH:-100}         # seconds kept after training: SIGTERM's save, export, pack
 NUM=${NUM:-12000}             # training triplets (smaller for a dry run on a CPU)
 EVAL_NUM=${EVAL_NUM:-200}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}  # extra --config.KEY=V for every run (a dry run's small batch)
@@ -58,16 +59,15 @@ timed_train() {  # stage, seconds: train until SIGTERM at the deadline, then exp
   local stage=$1 seconds=$2
   log "train $stage for ${seconds}s"
   # timeout signals python itself: the loop saves at the next step and exits
-  timeout -s TERM -k 60 "$seconds" python scripts/train.py --config="$TRAIN_CFG:$stage" \
+  timeout -s TERM -k 30 "$seconds" python scripts/train.py --config="$TRAIN_CFG:$stage" \
     --workdir="$RUNS/$stage" $TRAIN_FLAGS >>"$RUNS/logs/$stage.log" 2>&1
   local step; step=$(last_step "$stage")
   log "$stage stopped at step ${step:-none}; exporting"
-  [ -n "$step" ] && timeout 90 python scripts/train.py --config="$TRAIN_CFG:$stage" \
+  [ -n "$step" ] && timeout 50 python scripts/train.py --config="$TRAIN_CFG:$stage" \
     --workdir="$RUNS/$stage" $TRAIN_FLAGS --config.total_steps="$step" --config.eval_every=0 \
     >>"$RUNS/logs/$stage.log" 2>&1
   log "$stage exported: $(ls "$RUNS/$stage/export" 2>/dev/null | tr '\n' ' ')"
 }
-keep() { cp "$@" "$OUT/" 2>/dev/null; }  # into OUT as soon as it exists
 
 log "start (budget ${BUDGET}s)"
 log "gpu: $(timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
@@ -82,14 +82,14 @@ DATA=$!
 BENCHES=()
 if [ -z "${SKIP_BENCH:-}" ]; then
   python benchmarks/gpu_edit_sd15.py --batch 8 --steps 20 --repeats 2 \
-    >"$RUNS/logs/bench_edit.txt" 2>&1 &
+    >"$OUT/bench_edit.txt" 2>&1 &
   BENCHES+=($!)
   python benchmarks/gpu_train_sd15.py --batch 8 32 --steps 10 \
-    >"$RUNS/logs/bench_train.txt" 2>&1 &
+    >"$OUT/bench_train.txt" 2>&1 &
   BENCHES+=($!)
 fi
 wait $DATA; log "data done (rc $?)"
-LOCKED=""; command -v flock >/dev/null && LOCKED="flock $IP2P_DEVICE_LOCK"
+LOCKED=""; command -v flock >/dev/null && LOCKED="flock -w 60 $IP2P_DEVICE_LOCK"
 $LOCKED timeout 150 python scripts/build_latent_cache.py \
   --config "$TRAIN_CFG:cont" --batch-size 256 >"$RUNS/logs/cache.log" 2>&1
 log "latent cache done (rc $?)"
@@ -99,9 +99,8 @@ for pid in "${BENCHES[@]}"; do
   while kill -0 "$pid" 2>/dev/null && [ "$(now)" -lt "$BENCH_UNTIL" ]; do sleep 2; done
 done
 for pid in "${BENCHES[@]}"; do kill "$pid" 2>/dev/null; done
-pkill -f "benchmarks/gpu_" ; wait "${BENCHES[@]}" 2>/dev/null
+wait "${BENCHES[@]}" 2>/dev/null
 log "benchmarks ended"
-keep "$RUNS/logs/bench_edit.txt" "$RUNS/logs/bench_train.txt"
 
 # 3. Two runs side by side until the training deadline; export; pack the UNets.
 WINDOW=$(( BUDGET - $(now) - FINISH ))
@@ -110,7 +109,7 @@ if [ "$WINDOW" -gt 60 ]; then
   PIDS=()
   for stage in $STAGES; do timed_train "$stage" "$WINDOW" & PIDS+=($!); done
   wait "${PIDS[@]}"
-  timeout 60 python - "$RUNS" "$OUT" $STAGES <<'EOF' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
+  timeout 30 python - "$RUNS" "$OUT" $STAGES <<'EOF' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
 import os, sys, numpy as np
 from ip2p_jax.checkpoints import load_component, save_component
 runs, out, *stages = sys.argv[1:]

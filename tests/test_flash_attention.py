@@ -100,18 +100,28 @@ def test_cudnn_is_not_chosen_off_gpu():
 
 
 def test_a_cudnn_refusal_falls_back_to_xla(monkeypatch):
-  """On a GPU the kernel is chosen before cuDNN sees the call; where cuDNN's own checks
-  refuse the shapes at trace time (an H200 with jax 0.11.2 refused the training step's
-  cross-attention, 1024 queries against 77 keys), the chosen path must fall back to XLA
-  with the same values and gradients, and an explicit "cudnn" must still raise."""
+  """On a GPU the kernel is chosen before cuDNN sees the call. jax 0.11.2's cuDNN path
+  checks shapes in its differentiation rule (an H200 refused the training step's
+  cross-attention, 1024 queries against 77 keys), which under remat or scan runs only
+  after the call returns: the chosen path must fall back to XLA with the same values
+  and gradients there too, and an explicit "cudnn" must still raise."""
   real = jax.nn.dot_product_attention
-  calls = []
 
-  def picky(*args, implementation=None, **kwargs):
-    calls.append(implementation)
+  @jax.custom_vjp
+  def refused_when_differentiated(q, k, v):  # like cuDNN: the primal passes
+    return real(q, k, v, implementation="xla")
+
+  def forward(q, k, v):
+    raise NotImplementedError("Unsupported sequence length Q 16, KV 7.")
+
+  refused_when_differentiated.defvjp(forward, lambda res, g: (g, g, g))
+  chosen = []
+
+  def picky(q, k, v, *, implementation=None, **kwargs):
+    chosen.append(implementation)
     if implementation == "cudnn":
-      raise NotImplementedError("Unsupported sequence length Q 16, KV 7.")
-    return real(*args, implementation=implementation, **kwargs)
+      return refused_when_differentiated(q, k, v)
+    return real(q, k, v, implementation=implementation, **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", picky)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -119,12 +129,21 @@ def test_a_cudnn_refusal_falls_back_to_xla(monkeypatch):
   q, _, _, _ = operands(2, 16, 16, 2, 8)
   _, k, v, _ = operands(2, 7, 7, 2, 8)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  ours = jax.value_and_grad(loss(layers.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
-  want = jax.value_and_grad(loss(lambda *a: real(*a, implementation="xla")),
-                            argnums=(0, 1, 2))(q, k, v)
-  assert calls[:2] == ["cudnn", "xla"]  # tried, refused, fell back
-  np.testing.assert_allclose(ours[0], want[0], atol=TOL)
-  for a, b in zip(ours[1], want[1]):
-    np.testing.assert_allclose(a, b, atol=TOL)
+  grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2))
+  want = grad(loss(lambda *a: real(*a, implementation="xla")))(q, k, v)
+
+  def scanned(q, k, v):  # the attention inside a scan body, as the samplers run it
+    return jax.lax.scan(lambda c, _: (layers.dot_product_attention(q, k, v), None),
+                        jnp.zeros_like(q), None, length=2)[0]
+
+  for name, f in (("plain", layers.dot_product_attention),
+                  ("remat", jax.checkpoint(layers.dot_product_attention)),
+                  ("scan", scanned)):
+    chosen.clear()
+    ours = grad(loss(f))(q, k, v)
+    assert "xla" in chosen, name  # cuDNN was refused and XLA ran
+    np.testing.assert_allclose(ours[0], want[0], atol=TOL, err_msg=name)
+    for a, b in zip(ours[1], want[1]):
+      np.testing.assert_allclose(a, b, atol=TOL, err_msg=name)
   with pytest.raises(NotImplementedError):
-    layers.dot_product_attention(q, k, v, implementation="cudnn")
+    jax.grad(loss(lambda *a: layers.dot_product_attention(*a, implementation="cudnn")))(q, k, v)

@@ -159,7 +159,7 @@ def abstract_params(module: nn.Module) -> dict:
       return traverse_util.unflatten_dict({
           tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
           for k, (shape, dtype) in table.items()})
-    except (OSError, ValueError, TypeError):  # unreadable: trace again and rewrite it
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable: trace again
       pass
   shapes = strip_boxes(jax.eval_shape(
       lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"])
@@ -177,10 +177,11 @@ def abstract_params(module: nn.Module) -> dict:
 
 def _shapes_key(module: nn.Module) -> str:
   """What a module's parameter shapes depend on: its class, fields (config, dtypes) and
-  the code that defines it (ours, flax's)."""
+  the code that defines it (ours, flax's, jax's) and JAX's default widths."""
   import flax
   text = (f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}\n"
-          f"{_models_digest()}\nflax {flax.__version__}")
+          f"{_models_digest()}\nflax {flax.__version__} jax {jax.__version__} "
+          f"x64 {jax.config.jax_enable_x64}")
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -137,8 +137,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   The one attention function of the package. ``implementation``:
     * None: chosen per backend: "flash" on CPU without a mask; "cudnn" on an NVIDIA
       GPU where cuDNN's flash kernel takes the call (:func:`cudnn_takes`, then cuDNN's
-      own checks at trace time: a refusal falls back to XLA); "xla" otherwise (masks on
-      CPU, float32 on GPU, TPU);
+      own checks of the call and of its differentiation, probed on abstract values: a
+      refusal falls back to XLA); "xla" otherwise (masks on CPU, float32 on GPU, TPU);
     * "flash": :func:`flash_attention`, blocked, its backward recomputing the scores
       instead of keeping the probability matrix; no masks;
     * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (XLA's one-shot softmax, or
@@ -169,13 +169,17 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       raise ValueError("flash attention does not take masks; use implementation='xla'")
     return flash_attention(query, key, value).astype(dtype)
   if implementation == "cudnn" and chosen:
+    cudnn = functools.partial(jax.nn.dot_product_attention, mask=mask, is_causal=is_causal,
+                              implementation="cudnn")
     try:
-      return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
-                                          implementation="cudnn").astype(dtype)
+      # cuDNN checks shapes in its differentiation rule too (jax 0.11.2 refuses odd
+      # lengths there: an H200 refused the training step's cross-attention, 1024 queries
+      # against 77 keys). Under remat or scan that rule runs after this call returns, so
+      # probe it now, on abstract values; XLA's kernel takes every shape.
+      abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)]
+      jax.eval_shape(lambda q, k, v: jax.vjp(cudnn, q, k, v)[0], *abstract)
+      return cudnn(query, key, value).astype(dtype)
     except NotImplementedError:
-      # cuDNN's own shape checks, which vary with its version and with differentiation
-      # (measured on an H200, jax 0.11.2: the training step's cross-attention, 1024
-      # queries against 77 keys, is refused); XLA's kernel takes every shape
       implementation = "xla"
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
                                       implementation=implementation).astype(dtype)
