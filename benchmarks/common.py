@@ -84,16 +84,16 @@ def exclusive_device():
 
 
 def host_random_params(module, seed: int = 0):
-  """Random weights of ``module``'s real shapes drawn on the host with numpy (norm
-  scales 1, biases 0, other weights N(0, 0.02)) and put on the default device. The
-  benchmarks time the models, not their initialisers: on an H200, ``jax.jit`` of an
-  SD 1.5 UNet's ``init`` took 140-200 s to compile and the encoders' eager init 48 s."""
+  """Random weights of ``module``'s real shapes (``checkpoints.abstract_params``) drawn
+  on the host with numpy (norm scales 1, biases 0, other weights N(0, 0.02)) and put on
+  the default device. The benchmarks time the models, not their initialisers: on an
+  H200, ``jax.jit`` of an SD 1.5 UNet's ``init`` took 140-200 s to compile and the
+  encoders' eager init 48 s."""
   import jax
   import numpy as np
 
-  from ip2p_jax.sharding import strip_boxes
-  shapes = strip_boxes(jax.eval_shape(
-      lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"])
+  from ip2p_jax.checkpoints import abstract_params
+  shapes = abstract_params(module)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
