@@ -67,6 +67,16 @@ def machine() -> str:
   return f"{platform.processor() or platform.machine()}, {cores} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}"
 
 
+def reference_seconds(name: str, measure, *args) -> float | None:
+  """``measure(*args)``, the PyTorch reference's seconds, or None where it fails (the
+  reason on stderr): a failing reference must not lose our numbers."""
+  try:
+    return measure(*args)
+  except Exception as e:  # noqa: BLE001 -- any failure of the reference, reported
+    print(f"# {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return None
+
+
 @contextlib.contextmanager
 def exclusive_device():
   """Holds the lock file named by ``$IP2P_DEVICE_LOCK`` (if set) for a timed section, so

@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sys
-
-from common import exclusive_device, host_random_params, machine
+from common import exclusive_device, host_random_params, machine, reference_seconds
 from gpu_train_sd15 import flops_of, peak_tflops
 
 
@@ -120,12 +118,8 @@ def main():
     print(f"# ours, batch {b}: {warm:.3f} s warm, {first:.1f} s first", flush=True)
     flop = unet_flops(pipe, 3 * b, latent)  # one step: the UNet on 3 x b latents
     mfu = f"{flop * args.steps / warm / (peak * 1e12):.1%}" if peak else "-"
-    theirs = None
-    if not args.no_torch:
-      try:
-        theirs = diffusers_seconds(pipe, images, args.steps)
-      except Exception as e:  # the reference failing must not lose our numbers
-        print(f"# diffusers failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    theirs = None if args.no_torch else reference_seconds(
+        "diffusers", diffusers_seconds, pipe, images, args.steps)
     print(f"| {b} | {warm:.3f} | {b / warm:.2f} | {flop / 1e12:.3f} | {mfu} | {first:.1f} "
           f"| {f'{theirs:.3f}' if theirs else '-'} | {f'{warm / theirs:.2f}' if theirs else '-'} |",
           flush=True)

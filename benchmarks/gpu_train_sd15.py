@@ -18,12 +18,11 @@ the ratio.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
 
-from common import exclusive_device, host_random_params, machine
+from common import exclusive_device, host_random_params, machine, reference_seconds
 
 # Published dense bf16 peaks (TFLOP/s, without sparsity), by device_kind substring:
 #   H100 SXM / H200: NVIDIA H100 and H200 datasheets, 989 TFLOP/s; H100 PCIe 756;
@@ -204,12 +203,8 @@ def main():
   print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for b in args.batch:
     seconds, flops, unet_flops, compile_s = run_ours(config, job, b, args.steps)
-    theirs = None
-    if not args.no_torch:
-      try:
-        theirs = run_torch(config, b, args.steps)
-      except Exception as e:  # the reference failing must not lose our numbers
-        print(f"# PyTorch failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    theirs = None if args.no_torch else reference_seconds("PyTorch", run_torch, config, b,
+                                                          args.steps)
     mfu = lambda f: f"{f / seconds / (peak * 1e12):.1%}" if peak else "-"
     ratio = f"{seconds / theirs:.2f}" if theirs else "-"
     print(f"| {b} | {seconds:.4f} | {1 / seconds:.2f} | {b / seconds:.1f} | {flops / 1e12:.2f} "
