@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease of a GPU, time-boxed: the GPU benchmarks of the performance issue, then the
-# default model's stage 2 continued at GPU batch sizes (configs/default_model_gpu.py),
+# default model's stage 2 trained at GPU batch sizes (configs/default_model_gpu.py),
 # exported, packed and evaluated with `ip2p eval`.
 #
 #   BUDGET=545 OUT=runs/gpu/out ./scripts/gpu_default_model.sh
@@ -8,16 +8,18 @@
 #     TRAIN_FLAGS='--config.batch_size=8 --config.eval_every=4' ./scripts/gpu_default_model.sh  # dry run
 #
 # Timeline (seconds from the start; BUDGET is the whole script's):
-#   1. the shapes data (a process pool on the CPU), beside it the two GPU benchmarks (edit at SD 1.5
-#      size, batch 8; train step at SD 1.5 size, batch 8 then 32), compiling side by side;
-#      their timed sections take turns on a lock file, and so does the latent cache,
-#      which is built on the GPU once the data is there;
+#   1. the shapes data (NUM triplets, a process pool on the CPU), beside it the two GPU
+#      benchmarks (edit at SD 1.5 size, batch 8; train step at SD 1.5 size, batch 8),
+#      compiling side by side; their timed sections take turns on a lock file, and so
+#      does the latent cache, which is built on the GPU once the data is there;
 #   2. the benchmarks end by themselves or are stopped at BENCH_UNTIL;
-#   3. `cont` and `cont_big` train side by side until BUDGET - FINISH, each stopped by
-#      SIGTERM (the loop saves and exits), exported, their UNets packed in fp16 into OUT;
-#   4. `ip2p eval` of each export if 90 s or more are left (on the 2026-11-28 lease 63 s
-#      did not see one start: the packed UNets are evaluated off the GPU instead,
-#      `ip2p eval --model` of the bundled model's folder with the UNet replaced).
+#   3. the STAGES (default `cont`, the bundled UNet continued, and `wide_scratch`, a
+#      UNet twice its size from random) train side by side until BUDGET - FINISH, each
+#      stopped by SIGTERM (the loop saves and exits), exported, their UNets packed in
+#      fp16 into OUT;
+#   4. `ip2p eval` of each export if 90 s or more are left (else the packed UNets are
+#      evaluated off the GPU: `ip2p eval --model` of the bundled model's folder with the
+#      UNet replaced).
 # Every phase has its own time limit and the timeline and logs are copied into OUT as
 # they come, so a run stopped from outside still returns what it did.
 #
@@ -40,13 +42,13 @@ cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-545}
 BENCH_UNTIL=${BENCH_UNTIL:-250}
 FINISH=${FINISH:-100}         # seconds kept after training: SIGTERM's save, export, pack
-NUM=${NUM:-12000}             # training triplets (smaller for a dry run on a CPU)
+NUM=${NUM:-32000}             # training triplets (smaller for a dry run on a CPU)
 EVAL_NUM=${EVAL_NUM:-200}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}  # extra --config.KEY=V for every run (a dry run's small batch)
 OUT=${OUT:-runs/gpu/out}
 RUNS=runs/gpu
 TRAIN_CFG=configs/default_model_gpu.py
-STAGES="cont cont_big"
+STAGES=${STAGES:-"cont wide_scratch"}
 mkdir -p "$OUT" "$RUNS/logs"
 T0=$(date +%s)
 now() { echo $(( $(date +%s) - T0 )); }
@@ -84,7 +86,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   python benchmarks/gpu_edit_sd15.py --batch 8 --steps 20 --repeats 2 \
     >"$OUT/bench_edit.txt" 2>&1 &
   BENCHES+=($!)
-  python benchmarks/gpu_train_sd15.py --batch 8 32 --steps 10 \
+  python benchmarks/gpu_train_sd15.py --batch 8 --steps 10 \
     >"$OUT/bench_train.txt" 2>&1 &
   BENCHES+=($!)
 fi
@@ -121,7 +123,7 @@ for run in stages:
     print("fp16 unet", run)
 EOF
   tar cf - -C "$RUNS" unets | split -b 15m -a 1 - "$OUT/unets.tar.part-"
-  tar czf "$OUT/train_logs.tgz" "$RUNS/logs" "$RUNS"/*/metrics.jsonl 2>/dev/null
+  tar czf "$OUT/results.tgz" "$RUNS/logs" "$RUNS"/*/metrics.jsonl 2>/dev/null
   log "packed the UNets and training logs"
 else
   log "no time left to train"
@@ -144,5 +146,6 @@ print('all', f(o['success']), 'psnr', f(o['psnr']), 'outside', f(o['psnr_outside
       'held-out', f(r['held_out_edit']['success']), '|',
       ' '.join(k + ' ' + f(v['success']) for k, v in r['per_edit_type'].items()))")"
 done
-tar czf "$OUT/results.tgz" "$RUNS/logs" "$RUNS"/*/metrics.jsonl "$RUNS"/*/eval 2>/dev/null
+tar czf "$RUNS/results.tgz" "$RUNS/logs" "$RUNS"/*/metrics.jsonl "$RUNS"/*/eval 2>/dev/null \
+  && mv "$RUNS/results.tgz" "$OUT/results.tgz"
 log "done: $(ls -la "$OUT" | tail -n +2 | awk '{print $5, $9}' | tr '\n' ' ')"

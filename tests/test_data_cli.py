@@ -58,6 +58,12 @@ def test_latent_cache_matches_the_encoders(tmp_path):
   post = vae.apply({"params": parts.params["vae"]},
                    ex["input_image"][None].astype(np.float32) / 127.5 - 1, method="encode")
   np.testing.assert_allclose(rec["image_latent"], np.asarray(post.mode())[0], atol=1e-5)
+  # every record in the source's order (records are decoded by a thread pool, ahead)
+  every = vae.apply({"params": parts.params["vae"]}, np.stack(
+      [source[i]["input_image"] for i in range(n)]).astype(np.float32) / 127.5 - 1,
+                    method="encode").mode()
+  np.testing.assert_allclose(np.stack([cache[i]["image_latent"] for i in range(n)]),
+                             np.asarray(every), atol=1e-5)
   ids = tokenizers.tokenize(parts.tokenizer, [ex["instruction"].decode()])
   want = text.apply({"params": parts.params["text_encoder"]}, ids).last_hidden_state[0]
   np.testing.assert_allclose(rec["text"].astype(np.float32), np.asarray(want), atol=2e-3)

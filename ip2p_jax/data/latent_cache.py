@@ -22,6 +22,8 @@ reader opens local files only).
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import tempfile
@@ -58,14 +60,19 @@ def _latent_mask(mask: np.ndarray, resolution: int, latent_size: int) -> np.ndar
 
 
 def _batches(source, batch_size: int) -> Iterator[list[dict]]:
-  batch = []
-  for i in range(len(source)):
-    batch.append(source[i])
-    if len(batch) == batch_size:
+  """``source``'s records in order, ``batch_size`` at a time, decoded by a thread pool
+  (PNG decoding releases the GIL) up to two batches ahead of the one being encoded."""
+  n = len(source)
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    ahead = collections.deque(pool.submit(source.__getitem__, i)
+                              for i in range(min(n, 2 * batch_size)))
+    submitted = len(ahead)
+    while ahead:
+      batch = [ahead.popleft().result() for _ in range(min(batch_size, len(ahead)))]
+      for i in range(submitted, min(n, submitted + len(batch))):
+        ahead.append(pool.submit(source.__getitem__, i))
+      submitted = min(n, submitted + len(batch))
       yield batch
-      batch = []
-  if batch:
-    yield batch
 
 
 def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
