@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import exclusive_device, host_random_params, machine, reference_seconds
-from gpu_train_sd15 import flops_of, peak_tflops
+from gpu_train_sd15 import peak_tflops, unet_call_flops
 
 
 def build_pipeline(dtype, tiny: bool):
@@ -42,14 +42,8 @@ def build_pipeline(dtype, tiny: bool):
 
 
 def unet_flops(pipe, batch: int, latent: int) -> float:
-  """FLOPs of one UNet call on ``batch`` latents, from XLA's cost analysis of the lowered
-  program (no second compilation)."""
-  unet = pipe.unet
-  x = jnp.zeros((batch, latent, latent, unet.config.in_channels), unet.dtype)
-  t = jnp.zeros((batch,), jnp.int32)
-  ctx = jnp.zeros((batch, 77, unet.config.cross_attention_dim), unet.dtype)
-  fn = jax.jit(lambda p: unet.apply({"params": p}, x, t, ctx))
-  return flops_of(fn.lower(pipe.params["unet"]))
+  """FLOPs of one UNet call on ``batch`` latents (``gpu_train_sd15.unet_call_flops``)."""
+  return unet_call_flops(pipe.unet, pipe.params["unet"], batch, latent, backward=False)
 
 
 def diffusers_seconds(pipe, images, steps: int) -> float | None:
