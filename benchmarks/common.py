@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -114,3 +116,41 @@ def host_random_params(module, seed: int = 0):
       return np.zeros(leaf.shape, leaf.dtype)
     return (0.02 * rng.standard_normal(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
   return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+_COUNT_UNET_FLOPS = """
+import json, sys
+import jax, jax.numpy as jnp
+from ip2p_jax.checkpoints import abstract_params, module_from_config
+spec = json.loads(sys.argv[1])
+unet = module_from_config(spec["config"], dtype=jnp.dtype(spec["dtype"]),
+                          param_dtype=jnp.dtype(spec["param_dtype"]), attention_implementation="xla")
+b, n, c = spec["batch"], spec["latent"], spec["config"]
+x = jax.ShapeDtypeStruct((b, n, n, c["in_channels"]), unet.dtype)
+t = jax.ShapeDtypeStruct((b,), jnp.int32)
+ctx = jax.ShapeDtypeStruct((b, 77, c["cross_attention_dim"]), unet.dtype)
+call = lambda p, x, t, ctx: jnp.mean(unet.apply({"params": p}, x, t, ctx).astype(jnp.float32))
+fn = jax.grad(call) if spec["backward"] else call
+cost = jax.jit(fn).lower(abstract_params(unet), x, t, ctx).cost_analysis()
+print((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+"""
+
+
+def unet_call_flops(unet_config: dict, batch: int, latent: int, *, dtype: str,
+                    param_dtype: str, backward: bool) -> float:
+  """FLOPs of one UNet call (with its backward pass if ``backward``) on ``batch`` latents
+  of ``latent`` x ``latent``, from XLA's cost analysis of the program lowered for a CPU,
+  in a CPU-only subprocess on abstract shapes: nothing is compiled or allocated, and
+  attention is counted as XLA's kernel whichever kernel the timed program ran (cuDNN's
+  calls are opaque to the cost analysis). In a GPU process, jax 0.11.2's lowered
+  programs, for the GPU or for the CPU, give no cost analysis (the 2026-11-28 lease)."""
+  spec = {"config": unet_config, "batch": batch, "latent": latent, "dtype": dtype,
+          "param_dtype": param_dtype, "backward": backward}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  done = subprocess.run([sys.executable, "-c", _COUNT_UNET_FLOPS, json.dumps(spec)], env=env,
+                        capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"counting the UNet's FLOPs failed:\n{done.stderr[-2000:]}")
+  return float(done.stdout.split()[-1])

@@ -21,8 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import exclusive_device, host_random_params, machine, reference_seconds
-from gpu_train_sd15 import peak_tflops, unet_call_flops
+from common import (exclusive_device, host_random_params, machine, reference_seconds,
+                    unet_call_flops)
+from gpu_train_sd15 import peak_tflops
+
+
+def unet_config(tiny: bool) -> dict:
+  from configs import models as presets
+  return dict(presets.TINY_IP2P_UNET if tiny else presets.IP2P_UNET)
 
 
 def build_pipeline(dtype, tiny: bool):
@@ -30,8 +36,8 @@ def build_pipeline(dtype, tiny: bool):
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax import tokenizer as tokenizers
   from ip2p_jax.checkpoints import PipelineParts, module_from_config
-  configs = ((presets.TINY_IP2P_UNET, presets.TINY_VAE, presets.TINY_CLIP_TEXT) if tiny else
-             (presets.IP2P_UNET, presets.SD15_VAE, presets.CLIP_L14_TEXT))
+  configs = ((unet_config(tiny), presets.TINY_VAE, presets.TINY_CLIP_TEXT) if tiny else
+             (unet_config(tiny), presets.SD15_VAE, presets.CLIP_L14_TEXT))
   modules = {name: module_from_config(raw, dtype=dtype, param_dtype=dtype)
              for name, raw in zip(("unet", "vae", "text_encoder"), configs)}
   params = {name: host_random_params(m, seed=i) for i, (name, m) in enumerate(modules.items())}
@@ -39,11 +45,6 @@ def build_pipeline(dtype, tiny: bool):
                "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "leading",
                "steps_offset": 1}
   return InstructPix2PixPipeline(PipelineParts(modules, params, tokenizers.load(), scheduler, {}))
-
-
-def unet_flops(pipe, batch: int, latent: int) -> float:
-  """FLOPs of one UNet call on ``batch`` latents (``gpu_train_sd15.unet_call_flops``)."""
-  return unet_call_flops(pipe.unet, pipe.params["unet"], batch, latent, backward=False)
 
 
 def diffusers_seconds(pipe, images, steps: int) -> float | None:
@@ -110,7 +111,9 @@ def main():
         times.append(time.perf_counter() - t)
     warm = min(times)
     print(f"# ours, batch {b}: {warm:.3f} s warm, {first:.1f} s first", flush=True)
-    flop = unet_flops(pipe, 3 * b, latent)  # one step: the UNet on 3 x b latents
+    # one step: the UNet on 3 x b latents (the guidance batch)
+    flop = unet_call_flops(unet_config(args.tiny), 3 * b, latent, dtype="bfloat16",
+                           param_dtype="bfloat16", backward=False)
     mfu = f"{flop * args.steps / warm / (peak * 1e12):.1%}" if peak else "-"
     theirs = None if args.no_torch else reference_seconds(
         "diffusers", diffusers_seconds, pipe, images, args.steps)

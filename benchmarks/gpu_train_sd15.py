@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from common import exclusive_device, host_random_params, machine, reference_seconds
+from common import (exclusive_device, host_random_params, machine, reference_seconds,
+                    unet_call_flops)
 
 # Published dense bf16 peaks (TFLOP/s, without sparsity), by device_kind substring:
 #   H100 SXM / H200: NVIDIA H100 and H200 datasheets, 989 TFLOP/s; H100 PCIe 756;
@@ -74,31 +75,6 @@ def flops_of(program) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def host_flops(fn, *args) -> float:
-  """FLOPs of ``fn(*args)`` from XLA's cost analysis of the program lowered for the CPU:
-  nothing is compiled and the count is the backend's business only through attention,
-  so ``fn`` must not call cuDNN (a GPU's lowered program has no cost analysis in jax
-  0.11.2, and its compiled one leaves out cuDNN's custom calls)."""
-  import jax
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-  cost = jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",)).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
-
-
-def unet_call_flops(unet, params, batch: int, latent: int, *, backward: bool) -> float:
-  """FLOPs of one UNet call (and its backward pass) on ``batch`` latents with XLA's
-  attention, whatever kernel the timed program chose."""
-  import jax
-  import jax.numpy as jnp
-  unet = unet.clone(attention_implementation="xla")
-  x = jnp.zeros((batch, latent, latent, unet.config.in_channels), unet.dtype)
-  t = jnp.zeros((batch,), jnp.int32)
-  ctx = jnp.zeros((batch, 77, unet.config.cross_attention_dim), unet.dtype)
-  call = lambda p: jnp.mean(unet.apply({"params": p}, x, t, ctx).astype(jnp.float32))
-  return host_flops(jax.grad(call) if backward else call, params)
-
-
 def run_ours(config, job, batch_size: int, steps: int):
   """``(seconds per step, step FLOPs, UNet forward+backward FLOPs, compile s)``."""
   import flax.linen as nn
@@ -143,7 +119,8 @@ def run_ours(config, job, batch_size: int, steps: int):
           flush=True)
 
   latent = r // 2 ** (len(config.model.vae["block_out_channels"]) - 1)
-  unet_flops = unet_call_flops(job.module, state.params, batch_size, latent, backward=True)
+  unet_flops = unet_call_flops(config.model.unet.to_dict(), batch_size, latent, backward=True,
+                               dtype=config.model.compute_dtype, param_dtype="float32")
   return seconds, flops_of(compiled), unet_flops, compile_s
 
 

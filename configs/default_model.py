@@ -58,7 +58,10 @@ LATENTS = f"{RUNS}/latents/train.arrayrecord"
 
 # The shipped model: every stage at these lengths except stage 2, stopped at step 7250
 # (README.md, "The default model"), and vae_decoder, run to 3000 and then continued to
-# 6000 (the cosine schedule recomputed on resume). Rerunning continues stage 2 to 8000.
+# 6000 (the cosine schedule recomputed on resume); its UNet then continued on one H200
+# for 2774 steps at batch 256 (``configs/default_model_gpu.py:cont``, run by
+# ``scripts/gpu_default_model.sh``, whose packed fp16 UNet replaced
+# ``ip2p_jax/assets/default_model/unet``). Rerunning here continues stage 2 to 8000.
 # Stage 2 started from stage 1 at step 600; the bundled text-to-image model is that run
 # continued to 3200 (constant LR to step 2249, then --config.lr_schedule=cosine
 # --config.total_steps=3200; scripts/install_default_model.py --only t2i).

@@ -39,7 +39,10 @@ def get_config(stage="cont"):
   c.batch_size = 256  # learning rate and warm-up: default_model's (3e-4, 100 steps)
   # Runs are stopped by the clock (SIGTERM saves), so the length is only an upper bound.
   c.total_steps = 100_000
-  c.checkpoint_every = 1000
+  # A run stopped by the clock saves on SIGTERM at its next step, but one killed first
+  # (on the 2026-11-28 lease `wide_scratch` was, inside its first in-training evaluation)
+  # keeps only its last checkpoint: keep one often (a few hundred ms each at this size).
+  c.checkpoint_every = 250
   c.log_every = 100
   c.sample_every = 0
   c.num_samples = 0

@@ -21,3 +21,27 @@ def test_gpu_benchmark_runs_tiny_on_cpu(script, args):
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {args[1]} |")]
   assert len(rows) == 1, out.stdout
+
+
+def test_unet_flops_counted_in_a_cpu_subprocess_equal_the_in_process_count():
+  """The benchmarks' MFU numerator: XLA's cost analysis of the UNet call (and of its
+  gradient) lowered for the CPU in a CPU-only subprocess equals the same count made here."""
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from common import unet_call_flops
+  from configs import models
+  from ip2p_jax.checkpoints import abstract_params, module_from_config
+  config = dict(models.TINY_IP2P_UNET)
+  unet = module_from_config(config, attention_implementation="xla")
+  x = jax.ShapeDtypeStruct((3, 8, 8, config["in_channels"]), jnp.float32)
+  t = jax.ShapeDtypeStruct((3,), jnp.int32)
+  ctx = jax.ShapeDtypeStruct((3, 77, config["cross_attention_dim"]), jnp.float32)
+  call = lambda p, x, t, c: jnp.mean(unet.apply({"params": p}, x, t, c))
+  for backward, fn in ((False, call), (True, jax.grad(call))):
+    want = jax.jit(fn).lower(abstract_params(unet), x, t, ctx).cost_analysis()
+    want = (want[0] if isinstance(want, (list, tuple)) else want)["flops"]
+    got = unet_call_flops(config, 3, 8, dtype="float32", param_dtype="float32",
+                          backward=backward)
+    assert got == want > 0
