@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ip2p_jax.data import builders, latent_cache
@@ -89,7 +90,29 @@ def test_latent_cache_matches_the_encoders(tmp_path):
       shard_index=0, shard_count=1)) for c in (cache, on_disk)]
   assert len(batches[0]) == len(batches[1]) == 5
   for a, b in zip(*batches):
-    np.testing.assert_array_equal(a["image_latent"], b["image_latent"])
+    assert sorted(a) == sorted(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+  # A run resumes from either loader's checkpointed state into the other (grain's
+  # iterator state format), and two shards of the held columns are grain's shards.
+  config = latent_cache.LatentLoaderConfig(batch_size=2, seed=5)
+  for first, second in ((cache, on_disk), (on_disk, cache)):
+    it = iter(latent_cache.make_loader(first, config, shard_index=0, shard_count=1))
+    next(it), next(it)
+    state = it.get_state()
+    want = next(it)
+    resumed = iter(latent_cache.make_loader(second, config, shard_index=0, shard_count=1))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["text"], want["text"])
+  for index in range(2):
+    got, want = (next(iter(latent_cache.make_loader(c, config, shard_index=index,
+                                                   shard_count=2))) for c in (cache, on_disk))
+    np.testing.assert_array_equal(got["image_latent"], want["image_latent"])
+  other = latent_cache.make_loader(cache, latent_cache.LatentLoaderConfig(batch_size=2, seed=6),
+                                   shard_index=0, shard_count=1)
+  with pytest.raises(ValueError, match="data order"):
+    iter(other).set_state(state)
 
 
 def test_a_source_with_nothing_to_import_is_one_line_and_leaves_nothing(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import os
 import tempfile
 from typing import Iterator
@@ -131,19 +132,23 @@ def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
   return count
 
 
-# Caches up to this size are read and deserialized into memory once (one sequential
-# pass, ~1 s for the shapes world's 12,000 records of 44 KB) instead of record by record
-# at every access. Measured (benchmarks/input_pipeline_benchmark.py --latents, batch 256,
-# this project's 2-core CPU): 1,900 examples/s from the file through grain's threaded
-# reader, 12,000 from memory without threads. At 900 examples/s (the file, on an H200's
-# host) a GPU training run of the default model was input-bound at 0.07% MFU.
+# Caches up to this size are read into memory once when opened (one sequential pass,
+# ~1 s for the shapes world's 12,000 records of 44 KB), as one array per field, so that
+# a batch is one fancy-indexing gather per field. Measured
+# (benchmarks/input_pipeline_benchmark.py --latents, batch 256, this project's 2-core
+# CPU; BENCHMARKS.md "Input pipeline"): on a cache of the default model's shapes, from
+# the file through grain's threaded reader 1,067-1,658 examples/s; records held in
+# memory and batched by grain 8,552-8,990; held as columns and gathered 16,468-16,728.
+# At 900 examples/s (the file, on an H200's host) a GPU training run of the default
+# model was input-bound at 0.07% MFU.
 IN_MEMORY_BYTES = 4 << 30
 
 
 class LatentCacheSource(grain.RandomAccessDataSource):
   """Random access to a latent cache file (local or in a bucket): ``source[i]`` -> dict
-  of numpy arrays. ``in_memory``: deserialize every record into memory when opened
-  (None: when the file is at most ``IN_MEMORY_BYTES``); each access is then a lookup."""
+  of numpy arrays. ``in_memory``: read every record into memory when opened, as one
+  array per field (None: when the file is at most ``IN_MEMORY_BYTES``); an access is then
+  a view into those arrays, and ``make_loader`` gathers whole batches at once."""
 
   def __init__(self, path: str, *, in_memory: bool | None = None):
     self.path = path
@@ -151,22 +156,36 @@ class LatentCacheSource(grain.RandomAccessDataSource):
     self._records = array_record_data_source.ArrayRecordDataSource([local])
     if in_memory is None:
       in_memory = os.path.getsize(local) <= IN_MEMORY_BYTES
-    self._held = None
-    if in_memory:
-      n, chunk = len(self._records), 1024
-      self._held = [serialization.msgpack_restore(raw) for start in range(0, n, chunk)
-                    for raw in self._records.__getitems__(range(start, min(n, start + chunk)))]
+    self.columns = self._read_columns() if in_memory and len(self._records) else None
+
+  def _read_columns(self) -> dict[str, np.ndarray]:
+    """Every record's fields stacked into one array per field (records of a cache all
+    have the same fields, shapes and dtypes: ``build`` writes them so)."""
+    n, chunk, columns = len(self._records), 1024, None
+    for start in range(0, n, chunk):
+      for i, raw in enumerate(self._records.__getitems__(range(start, min(n, start + chunk))),
+                              start):
+        record = serialization.msgpack_restore(raw)
+        if columns is None:
+          columns = {k: np.empty((n,) + np.shape(v), np.asarray(v).dtype)
+                     for k, v in record.items()}
+        if record.keys() != columns.keys():
+          raise ValueError(f"{self.path}: record {i} has fields {sorted(record)}, record 0 "
+                           f"{sorted(columns)}; rebuild the cache (scripts/build_latent_cache.py)")
+        for k, v in record.items():
+          columns[k][i] = v
+    return columns
 
   @property
   def in_memory(self) -> bool:
-    return self._held is not None
+    return self.columns is not None
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
-    if self._held is not None:
-      return dict(self._held[index])  # a new dict: callers may add or drop keys
+    if self.columns is not None:
+      return {k: column[index] for k, column in self.columns.items()}
     return serialization.msgpack_restore(self._records[index])
 
   def __repr__(self) -> str:
@@ -182,14 +201,83 @@ class LatentLoaderConfig:
 
 
 def make_loader(source: LatentCacheSource, config: LatentLoaderConfig, *, shard_index: int,
-                shard_count: int) -> grain.DataLoader:
-  """Shuffled, sharded batches of cached latents (resumable like the image pipeline)."""
+                shard_count: int):
+  """Shuffled, sharded batches of cached latents, resumable like the image pipeline
+  (iterators checkpoint with ``grain.PyGrainCheckpointSave``). The order is grain's
+  ``IndexSampler``'s either way; a cache held in memory is batched by gathering its
+  columns (``HeldBatches``), a cache read from its file by ``grain.DataLoader``."""
   shard = Shard(source, shard_index, shard_count, drop_remainder=True)
   sampler = grain.IndexSampler(len(shard), shuffle=config.shuffle, num_epochs=config.num_epochs,
                                seed=config.seed)
-  # From memory, grain's reader threads cost more than they save (its prefetch buffer is
-  # polled per record): read in the loop's own thread. Order and state are the sampler's.
-  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if getattr(
-      source, "in_memory", False) else grain.ReadOptions()
-  return grain.DataLoader(data_source=shard, sampler=sampler, read_options=read,
+  if getattr(source, "in_memory", False):
+    columns = {k: v[shard_index::shard_count][:len(shard)] for k, v in source.columns.items()}
+    return HeldBatches(columns, sampler, config, repr(shard))
+  return grain.DataLoader(data_source=shard, sampler=sampler,
                           operations=[grain.Batch(config.batch_size, drop_remainder=True)])
+
+
+class HeldBatches:
+  """Batches of columns held in memory in ``sampler``'s order: what ``grain.DataLoader``
+  with ``grain.Batch(drop_remainder=True)`` yields from the same records, without its
+  per-record work (a record read, a dict, a stack per field, a random generator per
+  index). The record order is the sampler's own construction (``grain.MapDataset.range``
+  shuffled with the seed; a test checks it against ``grain.DataLoader``)."""
+
+  def __init__(self, columns: dict[str, np.ndarray], sampler, config: LatentLoaderConfig,
+               name: str):
+    n = len(next(iter(columns.values())))
+    self._columns, self._sampler, self._batch_size, self._name = (
+        columns, sampler, config.batch_size, name)
+    self._keys = (grain.MapDataset.range(n).shuffle(seed=config.seed) if config.shuffle
+                  else None)
+    self._n = n
+    self._limit = None if config.num_epochs is None else config.num_epochs * n
+
+  def record_keys(self, start: int, stop: int) -> np.ndarray:
+    """Record indices at sampler positions ``start .. stop - 1`` (IndexError past the
+    last epoch)."""
+    if self._limit is not None and stop > self._limit:
+      raise IndexError(f"position {stop - 1} is past the last epoch")
+    if self._keys is None:
+      return np.arange(start, stop) % self._n
+    return np.fromiter((self._keys[i] for i in range(start, stop)), np.int64, stop - start)
+
+  def __iter__(self) -> "HeldBatchIterator":
+    return HeldBatchIterator(self)
+
+
+class HeldBatchIterator:
+  """Iterator over ``HeldBatches``. Its state is ``grain.DataLoader``'s iterator state
+  (JSON bytes; the next sampler index follows ``last_seen_indices``), so a checkpoint
+  restores into either kind of loader over the same cache."""
+
+  def __init__(self, loader: HeldBatches):
+    self._loader, self._next = loader, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    loader = self._loader
+    try:
+      index = loader.record_keys(self._next, self._next + loader._batch_size)
+    except IndexError:  # the epochs are over; a partial batch is dropped
+      raise StopIteration from None
+    self._next += loader._batch_size
+    return {k: column[index] for k, column in loader._columns.items()}
+
+  def get_state(self) -> bytes:
+    return json.dumps({"version": 2, "last_seen_indices": {"0": self._next - 1},
+                       "last_worker_index": -1, "worker_count": 0,
+                       "sampler": repr(self._loader._sampler),
+                       "data_source": self._loader._name}, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state)
+    if state["sampler"] != repr(self._loader._sampler):
+      raise ValueError(f"the checkpoint's data order ({state['sampler']}) is not this "
+                       f"loader's ({self._loader._sampler!r})")
+    self._next = max(state["last_seen_indices"].values()) + 1
+
+  def start_prefetch(self) -> None:
+    """Nothing to prefetch (grain's checkpoint handler calls it after a restore)."""
