@@ -24,8 +24,9 @@ The settings are the ones the README reports (key/value tokens: the word "sepia"
 one new token, started from "grayscale"; its embedding row and, per cross-attention
 layer, a key and a value row added where it sits are trained, 800 steps of all 5
 examples at lr 2e-2, ``ip2p_jax.adapters.token_kv``); change them with the flags.
-Measured on the bundled model (README, "Customization"), sepia on 50 held-out edits /
-the original edit types on 200: base 6% / 29.5%; the defaults 76% / 29.5% (prompts
+Measured (README, "Customization"), sepia on 50 held-out edits / the original edit
+types on 200, on the bundled model shipped 2026-11-28: base 4% / 37.5%, the defaults
+78% / 37.5%; on the one shipped before it: base 6% / 29.5%; the defaults 76% / 29.5% (prompts
 without the token edit as the base does), 169 s; at lr 1e-2 72% / 29.5%; textual inversion alone (``--targets none --lr 5e-3
 --steps 400 --batch-size 2``) 48% / 29.5%; with cross-attention to_k,to_v kernels
 (``--targets to_k,to_v --lr 2e-3 --steps 300 --batch-size 2 --prior-examples 64``)
