@@ -136,21 +136,29 @@ print((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 """
 
 
-def unet_call_flops(unet_config: dict, batch: int, latent: int, *, dtype: str,
-                    param_dtype: str, backward: bool) -> float:
+class UnetFlops:
   """FLOPs of one UNet call (with its backward pass if ``backward``) on ``batch`` latents
   of ``latent`` x ``latent``, from XLA's cost analysis of the program lowered for a CPU,
   in a CPU-only subprocess on abstract shapes: nothing is compiled or allocated, and
   attention is counted as XLA's kernel whichever kernel the timed program ran (cuDNN's
   calls are opaque to the cost analysis). In a GPU process, jax 0.11.2's lowered
-  programs, for the GPU or for the CPU, give no cost analysis (the 2026-11-28 lease)."""
-  spec = {"config": unet_config, "batch": batch, "latent": latent, "dtype": dtype,
-          "param_dtype": param_dtype, "backward": backward}
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-  done = subprocess.run([sys.executable, "-c", _COUNT_UNET_FLOPS, json.dumps(spec)], env=env,
-                        capture_output=True, text=True)
-  if done.returncode:
-    raise RuntimeError(f"counting the UNet's FLOPs failed:\n{done.stderr[-2000:]}")
-  return float(done.stdout.split()[-1])
+  programs, for the GPU or for the CPU, give no cost analysis (the 2026-11-28 lease).
+  The count starts when the object is made (tracing an SD 1.5 UNet takes ~20 s, which
+  overlaps the timed program's compilation); ``value()`` waits for it."""
+
+  def __init__(self, unet_config: dict, batch: int, latent: int, *, dtype: str,
+               param_dtype: str, backward: bool):
+    spec = {"config": unet_config, "batch": batch, "latent": latent, "dtype": dtype,
+            "param_dtype": param_dtype, "backward": backward}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    self._process = subprocess.Popen([sys.executable, "-c", _COUNT_UNET_FLOPS, json.dumps(spec)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+  def value(self) -> float:
+    out, err = self._process.communicate()
+    if self._process.returncode:
+      raise RuntimeError(f"counting the UNet's FLOPs failed:\n{err[-2000:]}")
+    return float(out.split()[-1])

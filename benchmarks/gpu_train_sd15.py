@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from common import (exclusive_device, host_random_params, machine, reference_seconds,
-                    unet_call_flops)
+                    UnetFlops)
 
 # Published dense bf16 peaks (TFLOP/s, without sparsity), by device_kind substring:
 #   H100 SXM / H200: NVIDIA H100 and H200 datasheets, 989 TFLOP/s; H100 PCIe 756;
@@ -86,11 +86,14 @@ def run_ours(config, job, batch_size: int, steps: int):
   from ip2p_jax.train import state as state_lib
   from ip2p_jax.train.step import make_step
 
+  r = config.data.resolution
+  latent = r // 2 ** (len(config.model.vae["block_out_channels"]) - 1)
+  unet_flops = UnetFlops(config.model.unet.to_dict(), batch_size, latent, backward=True,
+                         dtype=config.model.compute_dtype, param_dtype="float32")
   optimizer = state_lib.make_optimizer(config)
   schedule = state_lib.learning_rate_schedule(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  r = config.data.resolution
   rng = np.random.default_rng(0)
   batch = {"input_image": rng.integers(0, 256, (batch_size, r, r, 3), dtype=np.uint8),
            "edited_image": rng.integers(0, 256, (batch_size, r, r, 3), dtype=np.uint8),
@@ -118,10 +121,7 @@ def run_ours(config, job, batch_size: int, steps: int):
     print(f"# ours, batch {batch_size}: {seconds:.4f} s/step, compile {compile_s:.0f} s",
           flush=True)
 
-  latent = r // 2 ** (len(config.model.vae["block_out_channels"]) - 1)
-  unet_flops = unet_call_flops(config.model.unet.to_dict(), batch_size, latent, backward=True,
-                               dtype=config.model.compute_dtype, param_dtype="float32")
-  return seconds, flops_of(compiled), unet_flops, compile_s
+  return seconds, flops_of(compiled), unet_flops.value(), compile_s
 
 
 def run_torch(config, batch_size: int, steps: int) -> float | None:

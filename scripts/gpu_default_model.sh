@@ -24,12 +24,12 @@
 # they come, so a run stopped from outside still returns what it did.
 #
 # On the lent accelerator (wheels in an ignored .whl/, see BENCHMARKS.md "The GPU path"),
-# the one command of the 2026-11-28 lease (timeout_s 600; carry .whl):
+# the one command of a lease (timeout_s 600; carry .whl, built by scripts/gpu_wheels.sh):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl > $OUT/run.log 2>&1; export PYTHONPATH=/tmp/site:$PWD;
 #   mkdir -p /tmp/bin; printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" \
 #     > /tmp/bin/python; chmod +x /tmp/bin/python; export PATH=/tmp/bin:$PATH;
-#   timeout -s TERM -k 5 565 env BUDGET=545 BENCH_UNTIL=220 OUT=$OUT \
+#   timeout -s TERM -k 5 565 env BUDGET=545 BENCH_UNTIL=240 OUT=$OUT \
 #     ./scripts/gpu_default_model.sh >> $OUT/run.log 2>&1;
 #   pkill -9 -f '[s]cripts/train\.py'; pkill -9 -f '[b]enchmarks/gpu_'; pkill -9 -f '[i]p2p_jax\.cli';
 #   pkill -9 -f '[b]uild_latent'

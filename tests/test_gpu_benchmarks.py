@@ -30,7 +30,7 @@ def test_unet_flops_counted_in_a_cpu_subprocess_equal_the_in_process_count():
   import jax.numpy as jnp
 
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from common import unet_call_flops
+  from common import UnetFlops
   from configs import models
   from ip2p_jax.checkpoints import abstract_params, module_from_config
   config = dict(models.TINY_IP2P_UNET)
@@ -42,6 +42,6 @@ def test_unet_flops_counted_in_a_cpu_subprocess_equal_the_in_process_count():
   for backward, fn in ((False, call), (True, jax.grad(call))):
     want = jax.jit(fn).lower(abstract_params(unet), x, t, ctx).cost_analysis()
     want = (want[0] if isinstance(want, (list, tuple)) else want)["flops"]
-    got = unet_call_flops(config, 3, 8, dtype="float32", param_dtype="float32",
-                          backward=backward)
+    got = UnetFlops(config, 3, 8, dtype="float32", param_dtype="float32",
+                    backward=backward).value()
     assert got == want > 0
