@@ -65,15 +65,14 @@ def _batches(source, batch_size: int) -> Iterator[list[dict]]:
   (PNG decoding releases the GIL) up to two batches ahead of the one being encoded."""
   n = len(source)
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-    ahead = collections.deque(pool.submit(source.__getitem__, i)
-                              for i in range(min(n, 2 * batch_size)))
-    submitted = len(ahead)
-    while ahead:
-      batch = [ahead.popleft().result() for _ in range(min(batch_size, len(ahead)))]
-      for i in range(submitted, min(n, submitted + len(batch))):
-        ahead.append(pool.submit(source.__getitem__, i))
-      submitted = min(n, submitted + len(batch))
-      yield batch
+    pending = collections.deque()
+    for start in range(0, n, batch_size):
+      pending.append([pool.submit(source.__getitem__, i)
+                      for i in range(start, min(n, start + batch_size))])
+      if len(pending) > 2:
+        yield [f.result() for f in pending.popleft()]
+    while pending:
+      yield [f.result() for f in pending.popleft()]
 
 
 def build(source, path: str, parts, *, resolution: int, batch_size: int = 16,
