@@ -39,8 +39,9 @@ setup(
     ],
     extras_require={
         # torch is the PyTorch reference our numbers are checked against (tests only).
-        # peft: diffusers' LoRA loading; selenium: the browser test of ip2p demo.
-        "test": ["pytest", "torch==2.13.0", "peft", "selenium"],
+        # peft: diffusers' LoRA loading; selenium: the browser test of ip2p demo; pytest-xdist:
+        # the suite runs its test files on two or more workers (pytest.ini).
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "selenium"],
         # gs:// workdirs: etils.epath reads/writes through gcsfs; orbax asks GCS about buckets.
         "gcs": ["gcsfs", "google-cloud-storage"],
         # ip2p synth --generator lm:DIR: a transformers causal LM writes the instructions.
