@@ -35,9 +35,8 @@ instruction = "make the background black"
 print("the folder's own sampler:", pipe.sampler_and_levels(None, args.steps)[0])
 
 # %% Edit with each sampler (same seed: the differences are the samplers'). Each is configured
-# as diffusers' `from_config` would: DDIM and DDPM take their class default clip_sample=True
-# (the predicted latent clipped to [-1, 1]) since this folder does not say otherwise, which
-# spoils this model's latents at few steps, as it would in diffusers.
+# as diffusers' `from_config` would, from this folder's scheduler_config.json (which sets
+# clip_sample false, so DDIM and DDPM do not clip the predicted latent to [-1, 1]).
 edits = {}
 for name in SAMPLERS:
   edits[name] = pipe(instruction, image, scheduler=name, num_inference_steps=args.steps,

@@ -9,7 +9,8 @@ the next step's input (the refinement loop the paper lists as missing).
     chain.save("chain.json")
     EditChain.load("chain.json").replay(pipe, images.load("other.png"), "other.png")
 
-A step's output depends only on its record (instruction, seed, scales, steps, sampler),
+A step's output depends only on its record (instruction, seed, scales, steps, sampler,
+karras),
 its input image, the model and the chain's preparation (``resolution``, ``resize``; the
 compute dtype is the pipeline's, and the chain's ``dtype`` records the one ``ip2p edit
 --chain`` loads the model with): the noise is ``fold_in(key(seed), noise_id(name))``, as ``ip2p edit`` gives

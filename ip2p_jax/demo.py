@@ -57,6 +57,9 @@ def examples() -> list[tuple[str, str]]:
   return [(os.path.join(EXAMPLES_DIR, e["image"]), e["instruction"]) for e in entries]
 
 
+_NOTHING = object()
+
+
 class Batcher:
   """Runs the pipeline on one worker thread. Edit requests that arrive within ``window``
   seconds of the first one waiting (at most ``max_batch``) are edited by one
@@ -90,11 +93,11 @@ class Batcher:
     self._thread.join()
 
   def _work(self) -> None:
-    pending = None
+    pending = _NOTHING  # a job taken from the queue while batching, run next
     while True:
-      job = pending or self._queue.get()
-      pending = None
-      if job is None:
+      job = self._queue.get() if pending is _NOTHING else pending
+      pending = _NOTHING
+      if job is None:  # close()
         return
       kind, payload, future = job
       if kind == "run":

@@ -333,8 +333,9 @@ def _embedded_record(path: str) -> dict | None:
 
 
 def previous_records(out_dir: str) -> dict[str, dict]:
-  """Output REL -> record for every output of earlier runs whose file still exists:
-  from the manifests, then each planned file's own record where there is one."""
+  """Output REL -> record for every output of earlier runs whose file still exists, from
+  the manifests (:func:`make_plan` then reads a planned file's own embedded record where
+  the manifests have none)."""
   records = {}
   for path in _manifest_paths(out_dir):
     for rel, rec in read_manifest(path)["outputs"].items():

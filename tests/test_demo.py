@@ -139,3 +139,21 @@ def test_scale_grid_on_demand(demo, photo):
   assert len(set(cells)) >= 12  # and the scales change it
   with pytest.raises(EditError, match="write an instruction"):
     demo.grid(session, Step(" "))
+
+
+def test_close_while_a_batch_is_gathering_returns():
+  """close() sent while the worker is still gathering a batch (inside its window) ends the
+  worker after that batch: the edit gets its result and close() returns."""
+  batcher = Batcher(pipe=None, resolution=RES, max_batch=4, window=1.0)
+  batcher._edit = lambda requests: [f"edited {r[1]}" for r in requests]  # no model needed
+  result = {}
+  worker = threading.Thread(target=lambda: result.update(out=batcher.edit(None, 7, None)))
+  worker.start()
+  import time
+  time.sleep(0.2)  # the edit is taken; the worker waits for more within its window
+  closer = threading.Thread(target=batcher.close)
+  closer.start()
+  closer.join(timeout=10)
+  worker.join(timeout=10)
+  assert not closer.is_alive(), "close() hung"
+  assert result == {"out": "edited 7"}

@@ -1,7 +1,8 @@
 """Helpers shared by subcommands: the default model, the compilation cache, errors.
 
 Every failure of a command is one ``ip2p: error: ...`` line on stderr and exit
-status 2 (argument errors, bad inputs, and unexpected exceptions alike);
+status 2 (argument errors, bad model folders, and unexpected exceptions alike; ``ip2p
+edit`` exits 1 when it skipped unreadable inputs and edited the rest, 130 on Ctrl-C);
 ``--debug`` anywhere on the command line shows the traceback instead.
 """
 from __future__ import annotations

@@ -148,7 +148,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   No kernel hands out the attention probabilities. Code that reads or replaces them
   intercepts :meth:`Attention.attend`, which receives the projected query, key and
-  value before any kernel runs (see there).
+  value before any kernel runs (see there): the UNet's and CLIP's attention. The VAE's
+  mid-block attention calls this function directly and cannot be intercepted.
   """
   chosen = implementation is None
   if chosen:

@@ -6,7 +6,8 @@ Images are NHWC in [-1, 1]; latents are NHWC with ``latent_channels``::
     images = vae.apply({"params": p}, latents, method="decode")
 
 Diffusion runs on ``scaling_factor * posterior.sample(key)``; InstructPix2Pix
-conditions on ``posterior.mode()`` *unscaled* (Brooks et al. 2023; see REFERENCE.md).
+conditions on ``posterior.mode()`` *unscaled* (Brooks et al. 2023; diffusers'
+``StableDiffusionInstructPix2PixPipeline.prepare_image_latents`` does the same).
 """
 from __future__ import annotations
 
