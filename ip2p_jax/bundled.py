@@ -8,6 +8,11 @@ writes them; ``configs/default_model.py`` says how they were trained):
   DEFAULT_CLIP   the CLIP whose similarities ``ip2p eval`` reports: its vision tower and
                  projections; its text tower is the editor's text encoder (the same
                  weights, stored once)
+
+With ``$IP2P_DEFAULT_MODEL`` set, the text-to-image model and the CLIP take their shared
+parts (VAE, text encoder, tokenizer; CLIP's text tower) from that folder and their own
+(the stage-1 UNet; CLIP's vision tower) from the package: a pairing that only makes
+sense if that folder's encoders are the bundled ones.
 """
 from __future__ import annotations
 

@@ -59,10 +59,13 @@ def test_eval_writes_json_markdown_and_sheet(model, clip, tmp_path, capsys):
     assert f"| {edit_type} | {result['per_edit_type'][edit_type]['n']} |" in table
   sheet = Image.open(out / "sheet.png")
   assert sheet.size == reports.sheet_size(4)
-  # the output column holds the model's outputs, not blank cells
+  # the output column holds the model's outputs: neither blank cells nor the inputs again
   x = 2 * reports.MARGIN + reports.TILE + reports.TEXT_WIDTH + reports.MARGIN
-  cell = np.asarray(sheet)[reports.HEADER:reports.HEADER + reports.TILE, x:x + reports.TILE]
-  assert cell.std() > 0
+  rows = slice(reports.HEADER, reports.HEADER + reports.TILE)
+  pixels = np.asarray(sheet.convert("RGB"), np.int16)
+  cell = pixels[rows, x:x + reports.TILE]
+  given = pixels[rows, reports.MARGIN:reports.MARGIN + reports.TILE]
+  assert cell.std() > 0 and np.abs(cell - given).mean() > 1.0
   assert "success" in captured.out and str(out) in captured.out
 
 

@@ -57,7 +57,8 @@ def test_each_stage_trains_and_exports(stage, shapes_dataset, tmp_path):
     pipe = InstructPix2PixPipeline.from_pretrained(summary["export"])
     out = pipe("make it red", np.zeros((32, 32, 3), np.uint8), num_inference_steps=2,
                output_type="np")
-    assert out.images.shape == (1, 32, 32, 3)
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    assert np.abs(out.images).mean() > 1 / 255  # a picture, not the black input back
 
 
 @pytest.mark.parametrize("stage", sorted(CONFIGS))

@@ -200,7 +200,8 @@ def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path)
   from ip2p_jax import InstructPix2PixPipeline
   out = InstructPix2PixPipeline.from_pretrained(summary["export"])(
       "make it red", np.zeros((32, 32, 3), np.uint8), num_inference_steps=2, output_type="np")
-  assert out.images.shape == (1, 32, 32, 3)
+  assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+  assert np.abs(out.images).mean() > 1 / 255  # a picture, not the black input back
 
 
 def test_eval_every_logs_held_out_success_per_edit_type(shapes_dataset, tmp_path):
