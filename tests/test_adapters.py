@@ -208,6 +208,10 @@ def test_pipeline_load_adapter_scale_zero_reproduces_the_base_edit(folder, train
   ref = pipe("make it <new1>", image, **kw).images
   pipe.load_adapter(trained_lora[0], scale=0.0)
   np.testing.assert_array_equal(pipe("make it <new1>", image, **kw).images, ref)
+  full = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+  full.set_progress_bar_config(disable=True)
+  full.load_adapter(trained_lora[0], scale=1.0)  # and at scale 1 it changes the edit
+  assert np.abs(full("make it <new1>", image, **kw).images - ref).max() > 1e-4
 
 
 def test_misfit_adapters_are_one_line_errors(tmp_path, trained_lora, base):

@@ -162,6 +162,8 @@ def test_a_path_is_an_image_and_python_matches_the_cli(pipes, model, tmp_path):
   assert out.size == (right - left, bottom - top) == (18, 12)  # padded to 20x12 and back
   assert cli.shape == (12, 18, 3)
   assert np.abs(np.asarray(out).astype(int) - cli).max() <= 1
+  given = np.asarray(Image.open(tmp_path / "p.png").resize(out.size), np.int16)
+  assert np.abs(np.asarray(out, np.int16) - given).mean() > 1.0  # an edit, not the input
   same = ours("make it blue", Image.open(tmp_path / "p.png"), num_inference_steps=STEPS,
               scheduler="euler", progress_bar=False).images[0]
   assert same.size == (38, 26)  # no resolution: the photo's own size, padded and cropped back

@@ -386,7 +386,10 @@ def test_a_model_folder_edits_a_photo_at_the_models_size(shell):
   unet = json.load(open(ws / "ip2p-model" / "unet" / "config.json"))
   vae = json.load(open(ws / "ip2p-model" / "vae" / "config.json"))
   native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-  assert Image.open(ws / "watercolor" / "photo.png").size == (native, native * 45 // 60)
+  edited = Image.open(ws / "watercolor" / "photo.png").convert("RGB")
+  assert edited.size == (native, native * 45 // 60)
+  given = Image.open(ws / "photo.jpg").convert("RGB").resize(edited.size)
+  assert np.abs(np.asarray(edited, np.int16) - np.asarray(given, np.int16)).mean() > 1.0
 
 
 def test_customize_then_edit_with_the_adapter(shell):
@@ -580,4 +583,7 @@ def test_readme_python_snippets_run(workspace):
                        capture_output=True, text=True, timeout=1200)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("ran")
-  assert Image.open(workspace / "edited.png").size == (32, 24)  # the photo's aspect ratio
+  edited = Image.open(workspace / "edited.png").convert("RGB")
+  assert edited.size == (32, 24)  # the photo's aspect ratio
+  given = Image.open(workspace / "photo.jpg").convert("RGB").resize(edited.size)
+  assert np.abs(np.asarray(edited, np.int16) - np.asarray(given, np.int16)).mean() > 1.0
