@@ -71,7 +71,8 @@ def our_step(parts, batch):
   from ip2p_jax.train.step import make_step
 
   config = ml_collections.ConfigDict(dict(
-      stage="instruct_pix2pix", learning_rate=1e-4, warmup_steps=0, lr_schedule="constant", total_steps=1000,
+      stage="instruct_pix2pix", learning_rate=1e-4, warmup_steps=0, lr_schedule="constant",
+      total_steps=1000,
       grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=1e-2))
   schedule = schedules.ScheduleConfig.from_dict(parts.scheduler_config, "euler_ancestral")
   loss = objectives.instruct_pix2pix(parts.modules["unet"], parts.modules["vae"],

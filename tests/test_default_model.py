@@ -86,13 +86,17 @@ def test_bundled_editor_gives_the_same_edit_in_diffusers(editor, recolor_example
   assert np.abs(got * 255 - np.stack(images)).mean() > 2.0
 
 
+def _darken_examples():
+  examples = [e for e in heldout_examples(80, 128, seed=1) if e.edit_type == "darken"][:4]
+  assert len(examples) == 4
+  return examples
+
+
 def test_bundled_editor_darkens_held_out_scenes(editor):
   """With the CLI's defaults (Euler ancestral, 50 steps, scales 7.5 / 1.5) at least 3 of
   4 held-out "make it night" edits succeed (``ip2p eval``: 83% of 12), and the
   unedited inputs fail the same check."""
-  pool = heldout_examples(80, 128, seed=1)
-  examples = [e for e in pool if e.edit_type == "darken"][:4]
-  assert len(examples) == 4
+  examples = _darken_examples()
   out = editor([e.instruction for e in examples], np.stack([e.input_image for e in examples]),
                num_inference_steps=50, output_type="np").images
   outputs = (out * 255).round().astype(np.uint8)
@@ -146,7 +150,7 @@ def test_bundled_editor_with_ddim_keeps_what_it_does_not_edit(editor):
                                              scheduler="ddim")
   assert np.mean(outside) >= 15.0, outside
   assert min(change) >= 1.0, change
-  examples = [e for e in heldout_examples(80, 128, seed=1) if e.edit_type == "darken"][:4]
+  examples = _darken_examples()
   outputs = _edit(editor, examples, num_inference_steps=20, scheduler="ddim")
   scores = [score_edit(e, o) for e, o in zip(examples, outputs)]
   assert sum(s["success"] for s in scores) >= 3, [s["detail"] for s in scores]

@@ -2,6 +2,7 @@
 together run as one batch, bad uploads are messages, and run / continue / undo / branch /
 grid / downloads keep a chain that replays to the image on show."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,7 +150,6 @@ def test_close_while_a_batch_is_gathering_returns():
   result = {}
   worker = threading.Thread(target=lambda: result.update(out=batcher.edit(None, 7, None)))
   worker.start()
-  import time
   time.sleep(0.2)  # the edit is taken; the worker waits for more within its window
   closer = threading.Thread(target=batcher.close)
   closer.start()

@@ -376,6 +376,13 @@ def test_the_demo_serves_its_page_on_the_bundled_model(shell):
   assert {"Instruction", "Steps", "Sampler", "Result"} <= labels, labels
 
 
+def _assert_edited(edited: Image.Image, source) -> None:
+  """An edit, not the input handed back: mean change over 1 level of 255 from the source
+  resized to the output's size."""
+  given = Image.open(source).convert("RGB").resize(edited.size)
+  assert np.abs(np.asarray(edited, np.int16) - np.asarray(given, np.int16)).mean() > 1.0
+
+
 def test_a_model_folder_edits_a_photo_at_the_models_size(shell):
   """`ip2p edit` scales the photo to the model's native size (its longest side) and
   keeps its 4:3 shape: the released 512 px model writes 512x384, the tiny stand-in its
@@ -388,8 +395,7 @@ def test_a_model_folder_edits_a_photo_at_the_models_size(shell):
   native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
   edited = Image.open(ws / "watercolor" / "photo.png").convert("RGB")
   assert edited.size == (native, native * 45 // 60)
-  given = Image.open(ws / "photo.jpg").convert("RGB").resize(edited.size)
-  assert np.abs(np.asarray(edited, np.int16) - np.asarray(given, np.int16)).mean() > 1.0
+  _assert_edited(edited, ws / "photo.jpg")
 
 
 def test_customize_then_edit_with_the_adapter(shell):
@@ -585,5 +591,4 @@ def test_readme_python_snippets_run(workspace):
   assert out.stdout.strip().endswith("ran")
   edited = Image.open(workspace / "edited.png").convert("RGB")
   assert edited.size == (32, 24)  # the photo's aspect ratio
-  given = Image.open(workspace / "photo.jpg").convert("RGB").resize(edited.size)
-  assert np.abs(np.asarray(edited, np.int16) - np.asarray(given, np.int16)).mean() > 1.0
+  _assert_edited(edited, workspace / "photo.jpg")
