@@ -10,6 +10,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # The library turns JAX's persistent compilation cache on; tests keep it out of ~/.cache
 # (tests of the cache itself set their own folder).
 os.environ.setdefault("IP2P_COMPILATION_CACHE", "off")
+# Compile-time flags for this process and every process the tests start (before jax loads).
+from helpers.xla_env import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags()
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import numpy as np

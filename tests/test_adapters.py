@@ -518,7 +518,8 @@ def test_token_kv_rows_equal_moving_the_token_state_through_every_layer(base, un
   """Oracle for ``token_kv.applied``: rows ``R = W delta`` in every cross-attention key and
   value projection give exactly the UNet output of the text states with ``delta`` added
   at the masked positions (``W (c + delta) + b = W c + b + W delta``), and nothing where
-  the mask is empty (to float32 rounding: the added zero rows change XLA's fusions, 1e-6)."""
+  the mask is empty (to float32 rounding: the added zero rows change XLA's fusions; 2e-6,
+  a few units in the last place of outputs of order 1)."""
   from ip2p_jax.adapters import token_kv
   module, params = base.modules["unet"], base.params["unet"]
   x, t, c = _inputs(8)
@@ -543,7 +544,7 @@ def test_token_kv_rows_equal_moving_the_token_state_through_every_layer(base, un
                              np.asarray(unet_fn(module, params, x, t, moved)),
                              rtol=0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(with_rows(x, t, c, mask))[1],
-                             np.asarray(unet_fn(module, params, x, t, c))[1], rtol=0, atol=1e-6)
+                             np.asarray(unet_fn(module, params, x, t, c))[1], rtol=0, atol=2e-6)
 
 
 @pytest.fixture(scope="module")

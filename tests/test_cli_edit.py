@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.xla_env import xla_flags
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("xla_cache")
   return {**os.environ, "IP2P_COMPILATION_CACHE": str(cache),
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+          "XLA_FLAGS": xla_flags(devices=1)}
 
 
 def ip2p(*args, env, **kw):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from xla_env import xla_flags  # noqa: E402
 from demo_page import Page, chromium, fetch, running_demo, why_no_browser  # noqa: E402
 
 from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
@@ -36,7 +37,7 @@ def _step(instruction, seed=0):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """The demo, the CLI replay and nothing else share one compilation cache folder."""
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices=1),
           "IP2P_COMPILATION_CACHE": str(tmp_path_factory.mktemp("xla")),
           "GRADIO_ANALYTICS_ENABLED": "False"}
 

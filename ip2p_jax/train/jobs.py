@@ -74,6 +74,12 @@ def _random_params(module, key):
   return module.init(key, *module.dummy_inputs())["params"]
 
 
+def _random_frozen_params(module, key):
+  """Random weights for a frozen encoder, in one compiled program (run op by op, the
+  initialisers compiled ~200 small programs, one per shape, at every run's start)."""
+  return nn.unbox(jax.jit(lambda k: _random_params(module, k))(key))
+
+
 def _frozen_encoders(config, kw, place) -> tuple[dict, dict, Any]:
   """VAE and text encoder for the diffusion stages: from ``vae_from``/``text_encoder_from``
   component folders, else from ``init_from`` (a pipeline folder), else random (tests).
@@ -95,7 +101,7 @@ def _frozen_encoders(config, kw, place) -> tuple[dict, dict, Any]:
       modules[name], params[name] = load_component(source, shardings=place, **kw)
     else:  # random frozen encoders: only for tests and smoke runs
       modules[name] = module_from_config(_dict(preset), **kw)
-      params[name] = nn.unbox(_random_params(modules[name], jax.random.key(1000 + i)))
+      params[name] = _random_frozen_params(modules[name], jax.random.key(1000 + i))
   if m.get("tokenizer_from"):
     tokenizer = tokenizers.load(m.tokenizer_from)
   return modules, params, tokenizer

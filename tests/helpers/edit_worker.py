@@ -12,7 +12,9 @@ parser.add_argument("model")
 parser.add_argument("out")
 parser.add_argument("--devices", type=int, default=1)
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+from xla_env import xla_flags  # noqa: E402  (this folder is on the path of a script)
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=args.devices)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -8,7 +8,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from xla_env import xla_flags  # noqa: E402  (this folder is on the path of a script)
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import flax.linen as nn  # noqa: E402

@@ -31,7 +31,9 @@ p.add_argument("--data", default="", help="a built dataset (default: the config'
 p.add_argument("--samples", type=int, default=-1,
                help="num_samples (0: no sample sheet), one sampling step (default: the config's)")
 args = p.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+from xla_env import xla_flags  # noqa: E402  (this folder is on the path of a script)
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=args.devices)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
