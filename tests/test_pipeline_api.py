@@ -167,6 +167,8 @@ def test_a_path_is_an_image_and_python_matches_the_cli(pipes, model, tmp_path):
   same = ours("make it blue", Image.open(tmp_path / "p.png"), num_inference_steps=STEPS,
               scheduler="euler", progress_bar=False).images[0]
   assert same.size == (38, 26)  # no resolution: the photo's own size, padded and cropped back
+  photo = np.asarray(Image.open(tmp_path / "p.png"), np.int16)
+  assert np.abs(np.asarray(same, np.int16) - photo).mean() > 1.0  # edited there too
 
 
 def test_one_default_step_count():
