@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
-from xla_env import xla_flags  # noqa: E402
 from demo_page import Page, chromium, fetch, running_demo, why_no_browser  # noqa: E402
 
+from helpers.xla_env import xla_flags  # noqa: E402
 from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
 from ip2p_jax import images as imagelib  # noqa: E402
 from ip2p_jax.chain import EditChain  # noqa: E402
