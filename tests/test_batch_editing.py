@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from batch_inputs import batch_images
-from helpers.xla_env import xla_flags
+from helpers.xla_env import without_shared_cache, xla_flags
 from ip2p_jax import InstructPix2PixPipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +68,7 @@ def test_two_processes_edit_disjoint_slices_like_one(model, tmp_path):
     im.save(src / f"img{i}.png")
   cmd = [sys.executable, "-m", "ip2p_jax.cli", "edit", str(src), "-p", "make it red",
          "--model", model, "--steps", "3", "--resolution", "16", "--no-compilation-cache"]
-  env = {**os.environ, "XLA_FLAGS": xla_flags(devices=1)}
+  env = {**without_shared_cache(os.environ), "XLA_FLAGS": xla_flags(devices=1)}
   subprocess.run(cmd + ["-o", str(tmp_path / "single")], check=True, env=env)
   port = _free_port()
   procs = [subprocess.Popen(cmd + ["-o", str(tmp_path / "multi"), "--coordinator",

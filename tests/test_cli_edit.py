@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.xla_env import xla_flags
+from helpers.xla_env import without_shared_cache, xla_flags
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("xla_cache")
-  return {**os.environ, "IP2P_COMPILATION_CACHE": str(cache),
+  return {**without_shared_cache(os.environ), "IP2P_COMPILATION_CACHE": str(cache),
           "XLA_FLAGS": xla_flags(devices=1)}
 
 

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 from demo_page import Page, chromium, fetch, running_demo, why_no_browser  # noqa: E402
 
-from helpers.xla_env import xla_flags  # noqa: E402
+from helpers.xla_env import without_shared_cache, xla_flags  # noqa: E402
 from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
 from ip2p_jax import images as imagelib  # noqa: E402
 from ip2p_jax.chain import EditChain  # noqa: E402
@@ -37,7 +37,7 @@ def _step(instruction, seed=0):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """The demo, the CLI replay and nothing else share one compilation cache folder."""
-  return {**os.environ, "XLA_FLAGS": xla_flags(devices=1),
+  return {**without_shared_cache(os.environ), "XLA_FLAGS": xla_flags(devices=1),
           "IP2P_COMPILATION_CACHE": str(tmp_path_factory.mktemp("xla")),
           "GRADIO_ANALYTICS_ENABLED": "False"}
 

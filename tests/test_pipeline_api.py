@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import nchw
 from ip2p_jax import InstructPix2PixPipeline
+from helpers.xla_env import without_shared_cache
 from ip2p_jax.cli import build_parser, main
 
 TOL = 2e-3
@@ -198,7 +199,8 @@ def test_compilation_cache_is_on_for_library_users(model, tmp_path, how, expecte
   code = ("import jax\nfrom ip2p_jax import InstructPix2PixPipeline\n"
           f"InstructPix2PixPipeline.from_pretrained({model!r}, "
           f"compilation_cache={how != 'off_arg'})\nprint(jax.config.jax_compilation_cache_dir)\n")
-  env = {**os.environ, "IP2P_COMPILATION_CACHE": "off" if how == "off_env" else str(tmp_path)}
+  env = {**without_shared_cache(os.environ),
+         "IP2P_COMPILATION_CACHE": "off" if how == "off_env" else str(tmp_path)}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_ip2p
+from helpers.xla_env import without_shared_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -241,7 +242,7 @@ class _TwoProcesses:
   def __init__(self, tmp_path, name, workdir, steps, data, mesh="dcn=2,data=1"):
     worker = os.path.join(HERE, "helpers", "train_worker.py")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = without_shared_cache(os.environ)
     self.outs = [tmp_path / f"{name}.{i}.npz" for i in range(2)]
     self.logs = [tmp_path / f"{name}.{i}.log" for i in range(2)]
     self.procs = []

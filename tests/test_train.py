@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_clip, tiny_ip2p, tiny_t2i, tiny_vae
+from helpers.xla_env import without_shared_cache
 from ip2p_jax.train import jobs, objectives
 from ip2p_jax.train import state as state_lib
 from ip2p_jax.train.loop import NonFiniteLoss, train_and_evaluate
@@ -244,7 +245,8 @@ def test_two_process_distributed_training_equals_one_process(tmp_path):
       [sys.executable, worker, "configs/tiny_ip2p.py", str(tmp_path / "w"),
        str(tmp_path / f"p{i}.npz"), "--steps", "2", "--coordinator", f"127.0.0.1:{port}",
        "--process-id", str(i), "--num-processes", "2"], cwd=ROOT,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+      env=without_shared_cache(os.environ), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE) for i in range(2)]
   errors = [p.communicate(timeout=600)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:]
   r = _run(worker, "configs/tiny_ip2p.py", str(tmp_path / "w1"), str(tmp_path / "one.npz"),
