@@ -19,6 +19,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
         "transformers>=5.0",
+        "tokenizers>=0.22",  # our CLIP tokenizer (ip2p_jax.tokenizer); transformers pins it too
         "diffusers>=0.40",
         "huggingface_hub",
         "grain>=0.2.18",

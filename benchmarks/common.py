@@ -44,7 +44,8 @@ def diffusers_ip2p(size: str, in_channels: int = 8, seed: int = 0):
       hidden_size=text_d, intermediate_size=4 * text_d, num_hidden_layers=text_layers,
       num_attention_heads=max(1, text_d // 64), projection_dim=text_d))
   return diffusers.StableDiffusionInstructPix2PixPipeline(
-      unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizers.load(),
+      unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(),
+      tokenizer=tokenizers.transformers_tokenizer(),
       scheduler=diffusers.EulerAncestralDiscreteScheduler(
           beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
           timestep_spacing="leading", steps_offset=1),

@@ -55,7 +55,8 @@ def ip2p_pipeline_folder(tmp_path_factory):
   text = transformers.CLIPTextConfig(**{k: v for k, v in presets.TINY_CLIP_TEXT.items()
                                         if k not in ("architectures", "model_type")})
   pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
-      vae=vae, text_encoder=randomize_(transformers.CLIPTextModel(text)), tokenizer=tokenizers.load(),
+      vae=vae, text_encoder=randomize_(transformers.CLIPTextModel(text)),
+      tokenizer=tokenizers.transformers_tokenizer(),
       unet=unet, scheduler=diffusers.EulerAncestralDiscreteScheduler(
           beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -127,14 +127,15 @@ def check_output_folder(path: str) -> None:
     raise CommandError(f"-o {path}: cannot write there ({e.strerror or e})") from None
 
 
-def _check_prompt_length(prompt: str, tokenizer_dir: str | None) -> None:
-  """Warns when CLIP will cut the instruction (77 tokens, start and end included)."""
+def _check_prompt_lengths(prompts, tokenizer_dir: str | None) -> None:
+  """Warns when CLIP will cut an instruction (77 tokens, start and end included)."""
   from ip2p_jax import tokenizer as tokenizers
   tok = tokenizers.load(tokenizer_dir)
-  n = len(tok(prompt).input_ids)
-  if n > tokenizers.MAX_LENGTH:
-    warn(f"the instruction is {n} tokens long; CLIP reads only the first "
-         f"{tokenizers.MAX_LENGTH} (start and end tokens included), the rest is ignored")
+  for prompt in prompts:
+    n = len(tok(prompt).input_ids)
+    if n > tokenizers.MAX_LENGTH:
+      warn(f"the instruction is {n} tokens long; CLIP reads only the first "
+           f"{tokenizers.MAX_LENGTH} (start and end tokens included), the rest is ignored")
 
 
 def _steps(args):
@@ -203,8 +204,7 @@ def _plan(args, info, process: tuple[int, int]):
   _, missing = editing.expand_inputs(args.inputs)
   if missing:
     raise CommandError(missing[0]["error"])
-  for text in dict.fromkeys(step.instruction for step in steps):
-    _check_prompt_length(text, info.tokenizer_dir)
+  _check_prompt_lengths(dict.fromkeys(step.instruction for step in steps), info.tokenizer_dir)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     raise CommandError(f"-o {args.output}: exists and is not a folder")
   model = folder_hash(info.folder)
