@@ -2,8 +2,9 @@
 
 The cache lives in ``~/.cache/ip2p_jax/xla`` (``$IP2P_COMPILATION_CACHE`` elsewhere;
 ``IP2P_COMPILATION_CACHE=off`` turns it off), so a second run, or a second notebook
-kernel, loads the compiled sampler instead of compiling it again. A cache directory the
-user configured in JAX already is kept.
+kernel, loads the compiled sampler instead of compiling it again; single-process training
+(``train_and_evaluate``) loads its step the same way on a rerun or resume. A cache
+directory the user configured in JAX already is kept.
 """
 from __future__ import annotations
 
