@@ -207,6 +207,29 @@ def _run(*args, env=None, **kw):
                         env={**os.environ, **(env or {})}, **kw)
 
 
+def test_a_rerun_loads_its_programs_from_the_cache_and_trains_the_same_bits(tmp_path):
+  """Single-process training turns on ip2p's compilation cache: the first run fills the
+  folder, a second run (a fresh process and workdir) loads from it, and its parameters
+  equal the first run's bit for bit."""
+  worker = os.path.join(HERE, "helpers", "train_worker.py")
+  cache = tmp_path / "xla"
+  env = {**without_shared_cache(os.environ), "IP2P_COMPILATION_CACHE": str(cache)}
+  runs, entries = [], []
+  for name in ("first", "again"):
+    r = subprocess.run([sys.executable, worker, "configs/tiny_ip2p.py", str(tmp_path / name),
+                        str(tmp_path / f"{name}.npz"), "--steps", "2", "--samples", "0"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs.append(np.load(tmp_path / f"{name}.npz"))
+    entries.append(sorted(f for f in os.listdir(cache) if f.endswith("-cache")))
+  assert any(f.startswith("jit_step-") for f in entries[0]), entries[0]  # the train step
+  assert entries[1] == entries[0]  # the rerun compiled nothing new: every program loaded
+  first, again = runs
+  assert sorted(first.files) == sorted(again.files)
+  for k in first.files:
+    np.testing.assert_array_equal(first[k], again[k], err_msg=k)
+
+
 def test_sharded_8_devices_equals_one_device_and_fsdp_shrinks_params(tmp_path):
   worker = os.path.join(HERE, "helpers", "train_worker.py")
   r1 = _run(worker, "configs/tiny_ip2p.py", str(tmp_path / "w1"), str(tmp_path / "one.npz"),
