@@ -245,7 +245,7 @@ def transformers_tokenizer(folder: str | None = None):
   pipeline is built with, and the reference the tests compare :class:`ClipTokenizer` to."""
   from transformers import CLIPTokenizer
   if folder is not None:
-    from ip2p_jax import paths
+    from ip2p_jax import paths  # transformers reads local folders only: a bucket's is copied
     return CLIPTokenizer.from_pretrained(paths.local_copy(folder))
   # transformers 5: vocab=/merges= (vocab_file= silently builds a 2-token tokenizer).
   return CLIPTokenizer(vocab=os.path.join(ASSETS, "vocab.json"),

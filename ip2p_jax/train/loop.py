@@ -167,9 +167,10 @@ def train_and_evaluate(config, workdir) -> dict:
     # A rerun, a resume, or a second call in one notebook kernel loads the compiled step,
     # init and sampler instead of compiling them again (a 5-step tiny training process:
     # 33 -> 17 s), and they compute bit for bit what a fresh compile does (210 arrays
-    # equal). Not for several processes: there, resumed runs that loaded the first run's
-    # programs ended a few steps later 1e-5 (relative) off an uninterrupted run
-    # (tests/test_pod_scale.py), which is not explained yet.
+    # equal). Not yet for several processes: a two-process rerun that loaded every program
+    # matched a fresh one bit for bit (2026-11-28), but an earlier SIGTERM-and-resume run
+    # that loaded the first run's programs ended 1e-5 (relative) off an uninterrupted run
+    # (tests/test_pod_scale.py), and that is not explained.
     compilation.enable_compilation_cache()
   workdir = paths.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
