@@ -236,9 +236,9 @@ class _TwoProcesses:
   and the resumed parameters differed from the uninterrupted run's in the last bits
   (1e-5 relative after 5 steps, measured on a crowded machine; not reproduced on an idle
   one, where the SIGTERM test below passed with one cache shared by its three phases), so
-  each run compiles its own, as a real rerun does. Each process's console goes to ``TMP/NAME.I.log``; a failure
-  shows both logs' tails, and leaving the block kills what still runs (JAX's preemption
-  notifier owns SIGTERM in these processes)."""
+  each run compiles its own, as a real rerun does. Each process's console goes to
+  ``TMP/NAME.I.log``; a failure shows both logs' tails, and leaving the block kills what
+  still runs (JAX's preemption notifier owns SIGTERM in these processes)."""
 
   def __init__(self, tmp_path, name, workdir, steps, data, mesh="dcn=2,data=1"):
     worker = os.path.join(HERE, "helpers", "train_worker.py")
