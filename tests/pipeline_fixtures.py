@@ -24,7 +24,8 @@ def components(in_channels: int, seed: int = 0):
   for m in (unet, vae, text):
     randomize_(m, seed)
     m.eval()
-  return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizers.transformers_tokenizer(),
+  return dict(unet=unet, vae=vae, text_encoder=text,
+              tokenizer=tokenizers.transformers_tokenizer(),
               scheduler=diffusers.EulerAncestralDiscreteScheduler(**SCHEDULER),
               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
