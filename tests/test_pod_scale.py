@@ -236,10 +236,10 @@ class _TwoProcesses:
   and the resumed parameters differed from the uninterrupted run's in the last bits
   (1e-5 relative after 5 steps, measured once on a crowded machine; not reproduced in
   three runs of the SIGTERM test below with one cache shared by its three phases, one on
-  an idle box and two beside two busy loops, 2026-11-28), so
-  each run compiles its own, as a real rerun does. Each process's console goes to
-  ``TMP/NAME.I.log``; a failure shows both logs' tails, and leaving the block kills what
-  still runs (JAX's preemption notifier owns SIGTERM in these processes)."""
+  an idle box and two beside two busy loops, 2026-11-28), so each run compiles its own, as
+  a real rerun does. Each process's console goes to ``TMP/NAME.I.log``; a failure shows
+  both logs' tails, and leaving the block kills what still runs (JAX's preemption notifier
+  owns SIGTERM in these processes)."""
 
   def __init__(self, tmp_path, name, workdir, steps, data, mesh="dcn=2,data=1"):
     worker = os.path.join(HERE, "helpers", "train_worker.py")
