@@ -31,7 +31,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word pattern (OpenAI's simple_tokenizer): the special tokens, English
 # contractions, runs of letters, single digits, runs of other non-space characters.
 WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# CLIP's special tokens where a folder names none (pad and unknown are the end token).
+DEFAULT_SPECIALS = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+SPECIAL_NAMES = tuple(DEFAULT_SPECIALS)
 
 
 class ClipTokenizer:
@@ -46,8 +48,7 @@ class ClipTokenizer:
     self.model_max_length = int(model_max_length)
     self.bos_token, self.eos_token = bos_token, eos_token
     self.pad_token, self.unk_token = pad_token, unk_token
-    missing = [getattr(self, n) for n in SPECIAL_NAMES
-               if self._backend.token_to_id(getattr(self, n)) is None]
+    missing = [t for t in self._specials().values() if self._backend.token_to_id(t) is None]
     if missing:  # as transformers does: appended to the vocabulary
       from tokenizers import AddedToken
       self._backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -61,7 +62,7 @@ class ClipTokenizer:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
     from tokenizers import pre_tokenizers, processors
     from tokenizers.models import BPE
-    names = {n: specials.get(n, EOS if n != "bos_token" else BOS) for n in SPECIAL_NAMES}
+    names = {n: specials.get(n, default) for n, default in DEFAULT_SPECIALS.items()}
     backend = Tokenizer(BPE.from_file(vocab, merges, continuing_subword_prefix="",
                                       end_of_word_suffix="</w>", fuse_unk=False,
                                       unk_token=names["unk_token"]))
@@ -120,7 +121,7 @@ class ClipTokenizer:
     from ip2p_jax.atomic import atomic_write
     os.makedirs(folder, exist_ok=True)
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
-              **{n: getattr(self, n) for n in SPECIAL_NAMES}}
+              **self._specials()}
     for name, text in (("tokenizer.json", self._backend.to_str(pretty=True)),
                        ("tokenizer_config.json", json.dumps(config, indent=2))):
       with atomic_write(os.path.join(folder, name), "w", encoding="utf-8") as f:
@@ -129,8 +130,10 @@ class ClipTokenizer:
   def __deepcopy__(self, memo) -> ClipTokenizer:
     from tokenizers import Tokenizer
     return ClipTokenizer(Tokenizer.from_str(self._backend.to_str()),
-                         model_max_length=self.model_max_length,
-                         **{n: getattr(self, n) for n in SPECIAL_NAMES})
+                         model_max_length=self.model_max_length, **self._specials())
+
+  def _specials(self) -> dict[str, str]:
+    return {n: getattr(self, n) for n in SPECIAL_NAMES}
 
   # -- vocabulary ----------------------------------------------------------------
 

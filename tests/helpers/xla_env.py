@@ -31,6 +31,6 @@ def without_shared_cache(env: dict[str, str]) -> dict[str, str]:
   """``env`` without the suite's shared persistent compilation cache (``conftest.py``), for
   processes joined by ``jax.distributed`` (there, runs that loaded an earlier run's programs
   once differed from fresh ones in the last bits, on a crowded machine:
-  ``tests/test_pod_scale.py``) and for tests of
-  ip2p's own cache folder (``$IP2P_COMPILATION_CACHE``), which JAX's setting would override."""
+  ``tests/test_pod_scale.py``) and for tests of ip2p's own cache folder
+  (``$IP2P_COMPILATION_CACHE``), which JAX's setting would override."""
   return {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
