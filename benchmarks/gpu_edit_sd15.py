@@ -6,7 +6,8 @@ steps, batch 1 and 8. Random weights of the real shapes (nothing downloaded).
 
 Reports images/s and the UNet's model FLOPs utilisation: each step runs the UNet on
 3 x batch latents (two-scale guidance); the FLOPs of one such UNet call come from
-XLA's ``cost_analysis`` of the compiled UNet, the peak from the device's published
+XLA's cost analysis of the same UNet lowered for a CPU (``common.UnetFlops``: nothing
+compiled, attention counted as XLA's kernel), the peak from the device's published
 bf16 dense number (``gpu_train_sd15.PEAK_TFLOPS``). With PyTorch on CUDA and diffusers
 installed, diffusers' fp16 pipeline (SDPA) edits the same images with the same weights
 (ours, saved in the diffusers layout) and the ratio is printed.

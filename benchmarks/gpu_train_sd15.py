@@ -10,7 +10,8 @@ Reports steps/s, images/s and MFU against the device's published bf16 dense peak
 (``--peak-tflops`` overrides the table below): "step" counts every FLOP XLA's
 ``cost_analysis`` gives for the compiled step (VAE and text encoders, UNet forward and
 backward, rematerialisation when on, optimizer); "UNet" counts only the UNet's forward
-and backward at this batch (its own compiled ``cost_analysis``), the number usually
+and backward at this batch (``common.UnetFlops``: XLA's cost analysis of the UNet
+lowered for a CPU, nothing compiled, attention counted as XLA's kernel), the number usually
 quoted as training MFU. With PyTorch on CUDA and diffusers installed, the same step
 in PyTorch (diffusers' models, bf16 autocast, SDPA, AdamW) runs on the same shapes for
 the ratio.

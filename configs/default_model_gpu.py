@@ -36,7 +36,9 @@ def get_config(stage="cont"):
   c.model.tokenizer_from = f"{BUNDLED}/tokenizer"
   c.data.path = f"{RUNS}/data"  # built there by the script (same seed: the same triplets)
   c.data.latents = LATENTS
-  c.batch_size = 256  # learning rate and warm-up: default_model's (3e-4, 100 steps)
+  # The wide stages keep default_model's learning rate and warm-up (3e-4, 100 steps);
+  # cont and cont_big set their own below.
+  c.batch_size = 256
   # Runs are stopped by the clock (SIGTERM saves), so the length is only an upper bound.
   c.total_steps = 100_000
   # A run stopped by the clock saves on SIGTERM at its next step, but one killed first

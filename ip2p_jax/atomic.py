@@ -1,8 +1,9 @@
 """Atomic file writes: a temporary file in the target folder, renamed into place.
 
 A reader (or a resumed run) sees either the old file or the complete new one,
-never a partial write; a killed writer leaves only a hidden ``.tmp-*`` file,
-which the next run of the job removes.
+never a partial write; a killed writer leaves only a hidden ``.tmp-*`` file
+(``ip2p edit`` and ``ip2p synth`` remove those in their output folders on their next
+run; elsewhere they stay, hidden, and are never read).
 """
 from __future__ import annotations
 

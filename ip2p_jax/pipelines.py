@@ -4,6 +4,9 @@
     out = pipe("make it snowy", ["a.jpg", img2], num_inference_steps=20, seed=0)
     out.images  # PIL images, each the size of its input
 
+(Images of one call must pad to the same size; ``resolution=`` with ``resize="crop"``
+or ``"resize"`` makes any set so.)
+
 The prompts are encoded once per distinct text (:meth:`encode_prompt`); then one
 ``jax.jit`` per (sampler, step count, guidance, shapes) VAE-encodes the images
 (posterior mode, unscaled), runs a ``lax.scan`` sampler with guidance as a denoiser
@@ -486,7 +489,7 @@ class InstructPix2PixPipeline(_Pipeline):
     two unconditional branches, as in diffusers. ``num_images_per_prompt`` edits each
     image that many times (image b's copies adjacent, noise ids ``b * n + j``).
     ``guidance_scale`` / ``image_guidance_scale`` may be per image (lists).
-    ``latents``: unit-variance initial noise [B, h, w, 4] (NHWC), scaled by the sampler's
+    ``latents``: unit-variance initial noise [B, h, w, latent_channels] (NHWC), scaled by the sampler's
     initial sigma. ``scheduler``: a sampler name (``ip2p_jax.diffusion.SAMPLERS``;
     default: the folder's own scheduler class); ``use_karras_sigmas`` overrides the
     folder's. ``output_type``: "pil", "np" (float [0, 1]) or "latent" (the final latents,

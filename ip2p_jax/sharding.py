@@ -1,7 +1,8 @@
 """Logical axis names for every parameter, declared once, and the rules that map
 them onto a device mesh.
 
-Model code only *names* the axes of its parameters (``nn.with_logical_partitioning``);
+Model code only *names* the axes of its parameters (``partitioned``, this module's
+box, in place of flax's ``nn.with_logical_partitioning``);
 which mesh axis each name lands on is data (``DEFAULT_RULES`` or a config's
 ``logical_axis_rules``), in the style of maxtext/big_vision.
 

@@ -140,6 +140,18 @@ def test_errors_are_one_line(model, tmp_path, capsys, no_default_clip, extra, me
   assert message in err[0]
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--adapter", "/nonexistent/a.safetensors"], "--adapter /nonexistent/a.safetensors: no such"),
+    (["--data", "/nonexistent/data", "--edit-types", "recolor"], "--edit-types selects among"),
+])
+def test_argument_errors_come_before_the_model_loads(tmp_path, capsys, extra, message):
+  # The model folder does not exist: the argument's own error must come first.
+  rc = main(["eval", "--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "o"),
+             *extra])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
 def test_karras_and_sampler_as_in_edit(model, tmp_path, capsys, no_default_clip):
   """``ip2p eval --sampler euler --karras`` edits with Karras sigmas (recorded in
   eval.json), as ``ip2p edit`` does: other pixels than without ``--karras``."""

@@ -14,7 +14,8 @@ import sys
 
 
 def build_parser():
-  """The whole ``ip2p`` argument parser (no JAX imported)."""
+  """The whole ``ip2p`` argument parser (building it imports the package, JAX included,
+  for the defaults it shows: about 1.5 s of ``ip2p --help`` on a 2-core CPU)."""
   from ip2p_jax import __version__
   from ip2p_jax.cli import common, customize, data, demo, edit, eval, info, synth
   parser = common.Parser(

@@ -96,7 +96,7 @@ def add_parser(sub) -> None:
                  help="compute and weight dtype (default float32; bfloat16 halves memory, "
                       "for accelerators)")
   p.add_argument("--grid", action="store_true",
-                 help="also write INPUT_grid.png sweeping text x image scale per input")
+                 help="also write OUT/NAME_grid.png sweeping text x image scale per input")
   p.add_argument("--grid-text-scales", type=_floats, default=[3.0, 5.0, 7.5, 10.0],
                  metavar="S,S,...", help="--grid columns: comma-separated text scales")
   p.add_argument("--grid-image-scales", type=_floats, default=[1.0, 1.2, 1.5, 2.0],

@@ -105,9 +105,6 @@ def _clip(args):
 
 def _examples(args, native: int, factor: int):
   from ip2p_jax.metrics import dataset_examples, heldout_examples
-  if args.data and args.edit_types:
-    raise CommandError("--edit-types selects among regenerated examples; a --data set "
-                       "holds its own")
   if args.data:
     try:
       examples, unmatched = dataset_examples(args.data, args.split, args.num)
@@ -150,6 +147,11 @@ def run(args) -> int:
       (args.resolution is not None and args.resolution < 8):
     return fail("--num, --steps and --batch-size must be >= 1, --sheet-rows >= 0 and "
                 "--resolution >= 8")
+  if args.data and args.edit_types:
+    return fail("--edit-types selects among regenerated examples; a --data set holds its own")
+  for path, _ in args.adapter:
+    if not os.path.isfile(path):
+      return fail(f"--adapter {path}: no such file")
   if not args.no_compilation_cache:
     enable_compilation_cache()
   try:
@@ -160,8 +162,6 @@ def run(args) -> int:
                                                    compilation_cache=False)
     adapters = []
     for path, scale in args.adapter:
-      if not os.path.isfile(path):
-        raise CommandError(f"--adapter {path}: no such file")
       pipe.load_adapter(path, scale)
       adapters.append({"path": os.path.abspath(path), "scale": scale})
     clip, clip_folder = _clip(args)

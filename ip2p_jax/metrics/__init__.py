@@ -7,7 +7,7 @@
   evaluate(pipe, examples, ...) edit held-out examples with a pipeline and score them
   vae_psnr(pipe, images)        the VAE's reconstruction PSNR, the cap of every edit's
   heldout_examples, dataset_examples   where the examples come from (examples)
-  markdown, sheet, sweep_*      reports for people (report)
+  report.markdown, report.sheet, report.sweep_*   reports for people (the report module)
   scene_match                   layout-free colour judge of generated pictures against
                                 shapes-world captions and edits (text-to-image, synth)
 """

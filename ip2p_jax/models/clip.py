@@ -1,7 +1,7 @@
 """CLIP text and vision encoders (Radford et al. 2021), transformers' layout.
 
-The text encoder conditions the UNet (its ``last_hidden_state``, or an earlier
-layer's for "clip skip"); both towers together give the image-text similarities
+The text encoder conditions the UNet (its ``last_hidden_state``; ``hidden_states``
+holds every layer's, should a caller want an earlier one); both towers together give the image-text similarities
 the paper filters data and evaluates with. Images are NHWC, CLIP-normalised.
 
     out = CLIPTextModel(cfg).apply({"params": p}, input_ids)

@@ -1,5 +1,5 @@
-"""The engine's settings, with the paper's values as defaults (no JAX imported, so the
-command line can show them)."""
+"""The engine's settings, with the paper's values as defaults: plain values (this module
+uses no JAX), which the command line's help shows."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,7 +1,8 @@
 """Training objectives, each a pure function ``loss(params, frozen, batch, rng) ->
 (loss, metrics)`` built once (outside the jitted step) from the models and config.
 
-Batches hold uint8 images ``[B, R, R, 3]`` and token ids ``[B, 77]``.
+Batches hold uint8 images ``[B, R, R, 3]`` and token ids ``[B, 77]``, or, on a latent
+cache (the ``*_cached`` objectives), latents and text states.
 """
 from __future__ import annotations
 

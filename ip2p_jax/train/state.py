@@ -2,6 +2,8 @@
 
 Only the trained model's parameters are in the state; frozen encoders (the VAE and
 text encoder in stage 2) are passed to the step separately and never differentiated.
+(Customization is the exception: its state holds the base UNet and the frozen base
+kernels beside the adapter, labelled frozen; ``ip2p_jax.adapters.training``.)
 """
 from __future__ import annotations
 
