@@ -306,7 +306,7 @@ def build_app(demo: Demo, title: str = "ip2p_jax: InstructPix2Pix"):
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   import gradio as gr
   from ip2p_jax.diffusion.schedules import SAMPLERS
-  from ip2p_jax.pipelines import DEFAULT_STEPS
+  from ip2p_jax.diffusion.schedules import DEFAULT_STEPS
 
   example_list = examples()
   with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:

@@ -39,7 +39,7 @@ from ip2p_jax.adapters import token_kv
 from ip2p_jax.checkpoints import PipelineParts, load_pipeline, save_pipeline
 from ip2p_jax.diffusion import guidance, samplers, schedules
 
-DEFAULT_STEPS = 50  # the Python API's and the CLI's (the HF demo's; the original used 100)
+DEFAULT_STEPS = schedules.DEFAULT_STEPS
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 

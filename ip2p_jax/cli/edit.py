@@ -11,7 +11,7 @@ import tempfile
 
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
                                  HelpFormatter, enable_compilation_cache, resolve_model, warn)
-from ip2p_jax.pipelines import DEFAULT_STEPS
+from ip2p_jax.diffusion.schedules import DEFAULT_STEPS
 
 EXAMPLES = """examples:
   ip2p edit photo.jpg -p "make it look like a watercolor" -o out/

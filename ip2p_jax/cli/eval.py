@@ -16,7 +16,7 @@ from ip2p_jax.cli.edit import _adapter
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
                                  HelpFormatter, check_sampler, enable_compilation_cache, fail,
                                  resolve_model)
-from ip2p_jax.pipelines import DEFAULT_STEPS
+from ip2p_jax.diffusion.schedules import DEFAULT_STEPS
 
 EXAMPLES = """examples:
   ip2p eval                                   # the bundled model, 200 held-out edits

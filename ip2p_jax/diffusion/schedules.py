@@ -35,6 +35,7 @@ _CLASS = {
     "unipc": "UniPCMultistepScheduler",
 }
 SAMPLERS = tuple(_CLASS)
+DEFAULT_STEPS = 50  # the Python API's and the CLI's (the HF demo's; the original used 100)
 SCHEDULER_CLASSES = dict(_CLASS)
 # Samplers whose diffusers class has `use_karras_sigmas`.
 KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")

@@ -1,12 +1,13 @@
 """Flax linen modules: the UNet, the VAE and the CLIP encoders (NHWC)."""
-from ip2p_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                                  CLIPVisionConfig, CLIPVisionModel)
-from ip2p_jax.models.configuration import ConfigError
-from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
-from ip2p_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from ip2p_jax import _lazy
 
 __all__ = [
     "AutoencoderKL", "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel",
     "CLIPVisionConfig", "CLIPVisionModel", "ConfigError", "DiagonalGaussian",
     "UNet2DConditionModel", "UNetConfig", "VAEConfig",
 ]
+_SOURCE = {"AutoencoderKL": "vae", "DiagonalGaussian": "vae", "VAEConfig": "vae",
+           "UNet2DConditionModel": "unet", "UNetConfig": "unet",
+           "ConfigError": "configuration"}
+__getattr__, __dir__ = _lazy.exports(__name__, {name: _SOURCE.get(name, "clip")
+                                                for name in __all__})
