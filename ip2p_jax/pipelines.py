@@ -489,8 +489,8 @@ class InstructPix2PixPipeline(_Pipeline):
     two unconditional branches, as in diffusers. ``num_images_per_prompt`` edits each
     image that many times (image b's copies adjacent, noise ids ``b * n + j``).
     ``guidance_scale`` / ``image_guidance_scale`` may be per image (lists).
-    ``latents``: unit-variance initial noise [B, h, w, latent_channels] (NHWC), scaled by the sampler's
-    initial sigma. ``scheduler``: a sampler name (``ip2p_jax.diffusion.SAMPLERS``;
+    ``latents``: unit-variance initial noise [B, h, w, latent_channels] (NHWC), scaled by
+    the sampler's initial sigma. ``scheduler``: a sampler name (``ip2p_jax.diffusion.SAMPLERS``;
     default: the folder's own scheduler class); ``use_karras_sigmas`` overrides the
     folder's. ``output_type``: "pil", "np" (float [0, 1]) or "latent" (the final latents,
     uncropped). ``callback(step, timestep, latents)`` is called at steps 0,

@@ -20,6 +20,14 @@ class CommandError(Exception):
   """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def check_adapter_files(adapters) -> None:
+  """``--adapter PATH[:SCALE]`` values (``(path, scale)`` pairs): each file must exist,
+  checked before any model loads (their contents are read with the model)."""
+  for path, _ in adapters:
+    if not os.path.isfile(path):
+      raise CommandError(f"--adapter {path}: no such file")
+
+
 def resolve_model(model: str | None) -> str:
   """``--model``, else the bundled default model (``$IP2P_DEFAULT_MODEL`` overrides where)."""
   if model:

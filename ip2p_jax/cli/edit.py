@@ -10,7 +10,8 @@ import sys
 import tempfile
 
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
-                                 HelpFormatter, enable_compilation_cache, resolve_model, warn)
+                                 HelpFormatter, check_adapter_files, enable_compilation_cache,
+                                 resolve_model, warn)
 from ip2p_jax.diffusion.schedules import DEFAULT_STEPS
 
 EXAMPLES = """examples:
@@ -208,9 +209,8 @@ def _plan(args, info, process: tuple[int, int]):
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     raise CommandError(f"-o {args.output}: exists and is not a folder")
   model = folder_hash(info.folder)
+  check_adapter_files(args.adapter)
   for path, scale in args.adapter:  # an adapted model is another model for the records
-    if not os.path.isfile(path):
-      raise CommandError(f"--adapter {path}: no such file")
     model += f"+{file_hash(path)}@{scale:g}"
   if chain is not None and chain.model and chain.model != model:
     warn(f"--chain {args.chain} was made with model {chain.model}, this run uses {model}: "

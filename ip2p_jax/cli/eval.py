@@ -14,8 +14,8 @@ import numpy as np
 
 from ip2p_jax.cli.edit import _adapter
 from ip2p_jax.cli.common import (KARRAS_HELP, SAMPLER_CHOICES, SAMPLER_HELP, CommandError,
-                                 HelpFormatter, check_sampler, enable_compilation_cache, fail,
-                                 resolve_model)
+                                 HelpFormatter, check_adapter_files, check_sampler,
+                                 enable_compilation_cache, fail, resolve_model)
 from ip2p_jax.diffusion.schedules import DEFAULT_STEPS
 
 EXAMPLES = """examples:
@@ -147,14 +147,13 @@ def run(args) -> int:
       (args.resolution is not None and args.resolution < 8):
     return fail("--num, --steps and --batch-size must be >= 1, --sheet-rows >= 0 and "
                 "--resolution >= 8")
-  if args.data and args.edit_types:
-    return fail("--edit-types selects among regenerated examples; a --data set holds its own")
-  for path, _ in args.adapter:
-    if not os.path.isfile(path):
-      return fail(f"--adapter {path}: no such file")
   if not args.no_compilation_cache:
     enable_compilation_cache()
   try:
+    if args.data and args.edit_types:
+      raise CommandError("--edit-types selects among regenerated examples; a --data set "
+                         "holds its own")
+    check_adapter_files(args.adapter)
     model = resolve_model(args.model)
     check_sampler(args.sampler, args.karras, check_pipeline(model).scheduler_config)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

@@ -1,8 +1,8 @@
 """CLIP text and vision encoders (Radford et al. 2021), transformers' layout.
 
 The text encoder conditions the UNet (its ``last_hidden_state``; ``hidden_states``
-holds every layer's, should a caller want an earlier one); both towers together give the image-text similarities
-the paper filters data and evaluates with. Images are NHWC, CLIP-normalised.
+holds every layer's, should a caller want an earlier one); both towers together give
+the image-text similarities the paper filters data and evaluates with. Images are NHWC, CLIP-normalised.
 
     out = CLIPTextModel(cfg).apply({"params": p}, input_ids)
     out.last_hidden_state, out.pooler_output, out.hidden_states, out.text_embeds
