@@ -38,7 +38,6 @@ import os
 import time
 from typing import Callable, Iterable, Sequence
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -386,12 +385,19 @@ def make_plan(inputs: Sequence[str], out_dir: str, settings: EditSettings, *, sa
     raise EditError(
         f"{out_dir} holds {len(conflicts)} output(s) made otherwise (e.g. {path}: {why}); "
         "pass --overwrite to replace them, or choose another -o")
-  rank, world = process or (jax.process_index(), jax.process_count())
+  rank, world = process or _process()
   mine = [it for k, it in enumerate(items) if k % world == rank]
   kept = [it for it in mine if it.output in matching and not settings.overwrite]
   todo = [it for it in mine if it not in kept]
   return Plan(out_dir, items, todo, kept, missing, recipe_, previous,
               resolved_steps(settings, sampler))
+
+
+def _process() -> tuple[int, int]:
+  """(index, count) of this JAX process; JAX is imported here, not with the module, so
+  the CLI checks its inputs before paying for that import."""
+  import jax
+  return jax.process_index(), jax.process_count()
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:
@@ -417,7 +423,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 def _write_manifest(plan: Plan, settings: EditSettings, report: Report, started: float) -> None:
   """Appends this run to the process's manifest and records every output it made or kept."""
-  rank, world = jax.process_index(), jax.process_count()
+  rank, world = _process()
   path = os.path.join(plan.out_dir, MANIFEST if world == 1 else f"manifest.process-{rank}.json")
   data = read_manifest(path)
   data["runs"].append({

@@ -111,11 +111,16 @@ def test_grid_sweeps_both_scales(model, env, tmp_path):
 
 def test_missing_model_and_inputs_are_clear_errors(env, tmp_path):
   no_default = {**env, "IP2P_DEFAULT_MODEL": str(tmp_path / "none")}
-  r = ip2p("edit", "x.png", "-p", "p", "-o", str(tmp_path), env=no_default)
+  image = str(tmp_path / "x.png")
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+  out = str(tmp_path / "out")
+  r = ip2p("edit", image, "-p", "p", "-o", out, env=no_default)
   assert r.returncode == 2 and "--model" in r.stderr and "diffusers-format" in r.stderr
-  r = ip2p("edit", "x.png", "-p", "p", "-o", str(tmp_path), "--model", str(tmp_path / "nope"),
-           env=env)
+  r = ip2p("edit", image, "-p", "p", "-o", out, "--model", str(tmp_path / "nope"), env=env)
   assert r.returncode == 2 and "no such folder" in r.stderr
+  r = ip2p("edit", str(tmp_path / "y.png"), "-p", "p", "-o", out, env=env)
+  assert r.returncode == 2 and "y.png: no such file, folder or matching glob" in r.stderr
+  assert not os.path.exists(out)  # nothing written for a run that did not start
 
 
 def test_readme_main_job_runs_on_the_bundled_default_model(env, tmp_path):
