@@ -327,6 +327,38 @@ def test_cli_customize_and_edit_adapter_arguments(tmp_path):
                str(tmp_path / "d"), "--out", str(tmp_path / "a.safetensors")]) == 2
 
 
+def test_ip2p_edit_applies_the_adapter_at_its_scale(folder, trained_lora, tmp_path):
+  """``ip2p edit --adapter FILE:0.5`` writes the library's edit with that adapter loaded at
+  0.5 (same noise: the file name's), which differs from the base model's edit and from
+  the adapter at scale 1: the flag is applied, at the scale given."""
+  from ip2p_jax import InstructPix2PixPipeline, editing
+  from ip2p_jax.cli import main
+  rng = np.random.default_rng(9)
+  Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+  lora_file = trained_lora[0]
+
+  def cli(out, *adapter):
+    assert main(["edit", str(tmp_path / "x.png"), "-p", "make it red", "-o", str(out),
+                 "--model", folder, "--steps", "3", *adapter]) == 0
+    return np.asarray(Image.open(out / "x.png").convert("RGB"), np.int16)
+
+  def library(scale):
+    pipe = InstructPix2PixPipeline.from_pretrained(folder, compilation_cache=False)
+    if scale:
+      pipe.load_adapter(lora_file, scale)
+    step = editing.Step("make it red", steps=3)
+    (image,) = editing.edit_images(pipe, [Image.open(tmp_path / "x.png")], [step],
+                                   [editing.noise_id("x.png")], resolution=RES)
+    return np.asarray(image.convert("RGB"), np.int16)
+
+  half = cli(tmp_path / "half", "--adapter", f"{lora_file}:0.5")
+  base = cli(tmp_path / "base")
+  np.testing.assert_array_equal(half, library(0.5))
+  np.testing.assert_array_equal(base, library(0))
+  assert np.abs(half - base).mean() > 1.0  # the adapter moved the pixels
+  assert np.abs(half - library(1.0)).mean() > 0.5  # and 0.5 is not 1
+
+
 def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(trained_cd, base):
   """Two concepts trained apart, merged by the closed form: on each concept's own prompt
   features the merged kernels give that concept's keys/values (to 1e-3 of their scale)."""

@@ -136,13 +136,20 @@ def _params(summary):
   return traverse_util.flatten_dict(jax.device_get(summary["state"].params))
 
 
-def test_resume_is_exact(shapes_dataset, tmp_path):
+def test_resume_is_exact(shapes_dataset, tmp_path, capsys):
   one = train_and_evaluate(_config("instruct_pix2pix", shapes_dataset, total_steps=6,
                                    checkpoint_every=2, export=False), str(tmp_path / "a"))
   train_and_evaluate(_config("instruct_pix2pix", shapes_dataset, total_steps=4,
                              checkpoint_every=2, export=False), str(tmp_path / "b"))
+  first_four = open(tmp_path / "b" / "metrics.jsonl").read()
+  capsys.readouterr()
   two = train_and_evaluate(_config("instruct_pix2pix", shapes_dataset, total_steps=6,
                                    checkpoint_every=2, export=False), str(tmp_path / "b"))
+  # A resume, not a deterministic restart (which would also end at equal parameters):
+  # the loop says where it resumed, and steps 1-4's lines (their wall-clock rates
+  # included) are the first run's, untouched.
+  assert "resumed from step 4" in capsys.readouterr().out
+  assert open(tmp_path / "b" / "metrics.jsonl").read().startswith(first_four)
   a, b = _params(one), _params(two)
   assert a.keys() == b.keys()
   for k in a:
@@ -297,11 +304,16 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert steps and steps[-1] >= 3
-  # Restorable: the same command continues from that step.
+  before = [l for l in open(metrics) if json.loads(l)["step"] <= steps[-1]]
+  # Restorable: the same command continues from that step (it says so, runs one more
+  # step, and leaves the lines of the steps before it as they were).
   r = _run("scripts/train.py", "--config=configs/tiny_vae.py", f"--workdir={workdir}",
            f"--config.total_steps={steps[-1] + 1}", "--config.export=False")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _read(metrics)[-1]["step"] == steps[-1] + 1
+  assert f"resumed from step {steps[-1]}" in r.stdout + r.stderr
+  after = open(metrics).readlines()
+  assert after[:len(before)] == before and len(before) == steps[-1]
+  assert [json.loads(l)["step"] for l in after[len(before):]] == [steps[-1] + 1]
 
 
 def test_unknown_config_override_is_an_error(tmp_path):
