@@ -152,9 +152,10 @@ def test_adapter_files_are_small_and_hold_their_tokens(trained_cd, trained_lora,
   cd = files.load(trained_cd[0])
   assert cd.method == "custom_diffusion" and cd.tokens.names == ["<new1>"]
   assert cd.meta["prompts"] == ["make it <new1>"]
-  # The file's deltas are exactly what training changed.
+  # The file's deltas are exactly what training changed, one per key/value kernel.
   trained = targets.kernels(jax.device_get(trained_cd[1]["state"].params["unet"]))
   start = targets.kernels(base.params["unet"])
+  assert set(cd.deltas) == set(custom_diffusion.select(base.params["unet"]))
   for p, d in cd.deltas.items():
     np.testing.assert_array_equal(d, np.asarray(trained[p]) - np.asarray(start[p]))
   lo = files.load(trained_lora[0])
@@ -373,6 +374,8 @@ def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(tra
       meta={**first.meta, "prompts": ["make it <new2>"]})
   merged = adapters.merge_custom_diffusion(base, [first, second])
   assert merged.tokens.names == ["<new1>", "<new2>"]
+  # every cross-attention key/value kernel, so the loop below checks each one
+  assert set(merged.deltas) == set(first.deltas) == set(custom_diffusion.select(base.params["unet"]))
   both = adapters.apply(adapters.apply(base, first, 0.0), second, 0.0,
                         base_unet=base.params["unet"])
   w0 = targets.kernels(base.params["unet"])
@@ -508,6 +511,7 @@ def test_custom_diffusion_in_diffusers_layout_both_ways(trained_cd, folder, base
   np.testing.assert_allclose(mine, theirs, rtol=0, atol=2e-4)
   back = diffusers_format.load(written[0], base, written[1:])
   assert set(back.deltas) == set(cd.deltas) and back.tokens.names == ["<new1>"]
+  assert set(cd.deltas) == set(custom_diffusion.select(base.params["unet"]))
   for p, d in cd.deltas.items():
     np.testing.assert_allclose(back.deltas[p], d, rtol=0, atol=1e-6)
   np.testing.assert_array_equal(back.tokens.embeddings, cd.tokens.embeddings)

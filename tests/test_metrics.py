@@ -237,6 +237,14 @@ def test_evaluate_is_deterministic_and_independent_of_batching(pipe):
   assert a["held_out"]["n"] == 5  # every held-out example holds a held-out combination
   assert [s["index"] for s in a["examples"]] == list(range(5))
   assert a["settings"]["num_inference_steps"] == 2
+  # Each example is scored on its own output (scored on its input, or on its target, a
+  # report would read 0% or 100% with these same fields), and the summary is theirs.
+  from ip2p_jax.metrics import aggregate
+  for example, output, score in zip(examples, a["outputs"], a["examples"]):
+    assert score == {"index": score["index"], "instruction": example.instruction,
+                     **score_edit(example, output)}
+  assert {k: a[k] for k in ("overall", "per_edit_type", "held_out", "held_out_edit")} == \
+      aggregate.summarize(a["examples"])
   json.dumps({k: v for k, v in a.items() if k != "outputs"})
   # Other parameters (a training run's EMA) through the same compiled sampler, and back.
   import jax

@@ -206,13 +206,15 @@ def test_training_from_a_latent_cache_runs_and_exports(shapes_dataset, tmp_path)
 
 def test_eval_every_logs_held_out_success_per_edit_type(shapes_dataset, tmp_path):
   """``eval_every`` edits held-out shapes-world examples with the EMA model during
-  training and logs success per edit type (a learning curve in metrics.jsonl)."""
+  training and logs success per edit type (a learning curve in metrics.jsonl). The last
+  logged values are ``metrics.evaluate``'s on the exported (EMA) model."""
+  from ip2p_jax import InstructPix2PixPipeline, metrics
   from ip2p_jax.data import shapes
   c = tiny_ip2p.get_config()
   c.data.path, c.total_steps, c.eval_every, c.eval_num, c.eval_steps = \
       shapes_dataset, 4, 2, 6, 2
   c.eval_batch_size = 3
-  train_and_evaluate(c, str(tmp_path))
+  summary = train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   evals = [l for l in lines if "eval/success" in l]
   assert [l["step"] for l in evals] == [2, 4]
@@ -222,6 +224,13 @@ def test_eval_every_logs_held_out_success_per_edit_type(shapes_dataset, tmp_path
     assert 0.0 <= record["eval/success"] <= 1.0
     assert all(f"eval/success/{t}" in record for t in types)
   assert sorted(os.listdir(tmp_path / "eval")) == ["step_0000002.png", "step_0000004.png"]
+  again = metrics.scalars(metrics.evaluate(
+      InstructPix2PixPipeline.from_pretrained(summary["export"]),
+      metrics.heldout_examples(6, c.data.resolution, seed=c.eval_seed),
+      num_inference_steps=2, seed=c.eval_seed, batch_size=3))
+  assert again.keys() <= evals[1].keys() and "eval/psnr" in again
+  for key, value in again.items():  # PSNRs too, so not only a 0% that any model scores
+    assert evals[1][key] == pytest.approx(value, abs=0.05), key
 
 
 def test_eval_every_in_stage_1_logs_how_often_captions_are_drawn(shapes_dataset, tmp_path):
