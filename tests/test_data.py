@@ -188,6 +188,10 @@ def test_instructpix2pix_parquet_format(tmp_path):
   assert skipped["train-00000.parquet/2"].startswith("input image: unreadable image")
   (row,) = _read_all(path)
   assert row["instruction"] == b"make it a tiger" and row["edited_caption"] == b"a tiger"
+  assert row["input_caption"] == b"a cat"
+  # the pictures in their places: the red original, the blue edit
+  assert row["input_image"][..., 0].mean() > 200 and row["input_image"][..., 2].mean() < 50
+  assert row["edited_image"][..., 2].mean() > 200 and row["edited_image"][..., 0].mean() < 50
 
 
 def test_image_captions_from_folder_and_parquet(tmp_path):
@@ -266,7 +270,7 @@ def test_same_seed_same_batches(tok):
   assert not np.array_equal(c[0]["input_ids"], a[0]["input_ids"])
 
 
-@pytest.mark.parametrize("n,drop", [(24, True), (23, False)])
+@pytest.mark.parametrize("n,drop", [(25, True), (23, False)])
 def test_process_shards_are_disjoint_and_complete(tok, n, drop):
   cfg = ip.PipelineConfig(resolution=32, batch_size=1, shuffle=True, num_epochs=1,
                           drop_remainder=drop)
@@ -290,6 +294,13 @@ def test_crop_and_flip_are_identical_on_both_images(tok):
   batch = _batches(ip.make_loader(ListSource(16, same=True), cfg, tokenizer=tok), 1)[0]
   np.testing.assert_array_equal(batch["edited_image"], batch["input_image"])
   assert batch["input_image"].shape == (8, 24, 24, 3)
+  # One picture in every record, no flips: the 8 crops of it are not all the same window.
+  source = ListSource(16, same=True)
+  for item in source.items:
+    item["input_image"] = item["edited_image"] = source.items[0]["input_image"]
+  cfg = ip.PipelineConfig(resolution=24, batch_size=8, max_resize=1.3, flip=False)
+  batch = _batches(ip.make_loader(source, cfg, tokenizer=tok), 1)[0]
+  assert len({image.tobytes() for image in batch["input_image"]}) > 4
 
 
 def test_resume_from_iterator_state_is_exact(tok):
