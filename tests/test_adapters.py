@@ -722,17 +722,29 @@ def test_text_to_image_token_kv_in_its_pipeline(tmp_path):
                 - zero("a <new1> square", **kw).images).max() > 1e-4
 
 
-def test_token_kv_through_the_training_loop_samples_with_its_rows(shapes_dataset, tmp_path):
+def test_token_kv_through_the_training_loop_samples_with_its_rows(tmp_path):
   """``config.customize.targets = "token_kv"`` in the ordinary training run (stage 1):
-  the UNet stays bitwise, the run draws its samples (through the rows), and the
+  the UNet stays bitwise, the rows move from where they started, the run writes its
+  sample picture (its sampler compiled with the rows in the parameters), and the
   exported adapter holds the trained rows."""
   from configs import tiny_t2i
+  from ip2p_jax import sharding
   from ip2p_jax.adapters import token_kv
+  from ip2p_jax.train import jobs
   from ip2p_jax.train.loop import train_and_evaluate
+  from ip2p_jax.data import builders
+  captions = tmp_path / "captions"  # captions that name the token, so its rows train
+  captions.mkdir()
+  rng = np.random.default_rng(3)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(captions / f"{i}.png")
+    (captions / f"{i}.txt").write_text("a <new1> square")
+  dataset, _ = builders.build("image_captions", str(tmp_path / "data"), builders.SourceConfig(
+      name="tkv", source=str(captions), format="folder"))
   c = tiny_t2i.get_config()
-  c.data.path = shapes_dataset
-  c.total_steps, c.num_samples, c.sample_steps = 2, 2, 2
-  c.learning_rate, c.ema_decay = 1e-2, 0.0
+  c.data.path = dataset
+  c.total_steps, c.num_samples, c.sample_steps, c.batch_size = 2, 2, 2, 2
+  c.learning_rate, c.ema_decay, c.warmup_steps = 1e-2, 0.0, 0
   c.customize.method, c.customize.targets = "custom_diffusion", "token_kv"
   c.customize.tokens, c.customize.initializer = "<new1>", "red"
   summary = train_and_evaluate(c, str(tmp_path))
@@ -743,6 +755,14 @@ def test_token_kv_through_the_training_loop_samples_with_its_rows(shapes_dataset
       token_kv.layer_paths(trained["unet"]))
   for p, r in adapter.token_kv.items():
     np.testing.assert_array_equal(r, np.asarray(trained["token_kv"][p]))
+  start = sharding.strip_boxes(jobs.build(c).init_params(jax.random.key(c.seed)))
+  before, after = _flat(start["unet"]), _flat(trained["unet"])
+  assert before.keys() == after.keys()
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key], err_msg=str(key))
+  moved = [np.abs(np.asarray(trained["token_kv"][p]) - np.asarray(start["token_kv"][p])).max()
+           for p in adapter.token_kv]
+  assert min(moved) > 0, moved
 
 
 def test_merged_concepts_keep_each_concepts_token_rows(trained_token_kv, base):
