@@ -245,6 +245,38 @@ def test_engine_writes_the_original_folder_format(synthesized):
   assert os.path.isfile(os.path.join(out, "contact_sheet.png"))
 
 
+def test_a_kept_pair_is_its_recorded_settings_drawn_again(synthesized, sd_folder, clip_folder):
+  """The files and scores of a kept pair are what its row says: drawn again from its
+  captions, seed, p and text scale, the two pictures are the JPEGs (each encoded as the
+  engine does: mean difference under half a level), differ from each other, and CLIP
+  gives the row's four similarities (1e-4)."""
+  import io
+
+  from PIL import Image
+
+  from ip2p_jax.metrics import ClipSimilarity
+  from ip2p_jax.synth import engine
+  from ip2p_jax.synth.engine import SynthConfig
+  out = str(synthesized / "synth")
+  name, row = next((n, r) for n, rows in _lines(out).items() for r in rows if r["kept"])
+  prompt = json.load(open(os.path.join(out, name, "prompt.json")))
+  pairs = p2p_lib.PromptToPrompt(_pipe(sd_folder), num_inference_steps=STEPS)
+  first, second = pairs([prompt["input"]] * 3, [prompt["output"]] * 3, [row["seed"]] * 3,
+                        [row["p"]] * 3, [row["cfg_scale"]] * 3)  # the engine's batch of 3
+  for k, image in enumerate((first[0], second[0])):
+    saved = np.asarray(Image.open(os.path.join(out, name, f"{row['seed']}_{k}.jpg")), np.int16)
+    again = np.asarray(Image.open(io.BytesIO(engine._jpeg(image, SynthConfig().jpeg_quality))),
+                       np.int16)
+    assert np.abs(saved - again).mean() < 0.5, k
+  # two prompts: two pictures (measured 1.3 levels apart on average, this random model)
+  assert np.abs(first[0].astype(np.int16) - second[0]).mean() > 0.5
+  sims = ClipSimilarity(clip_folder)(first[:1], second[:1], [prompt["input"]],
+                                     [prompt["output"]])
+  for key, field in (("sim_0", "clip_sim_0"), ("sim_1", "clip_sim_1"),
+                     ("sim_direction", "clip_sim_dir"), ("sim_image", "clip_sim_image")):
+    assert float(sims[key][0]) == pytest.approx(row[field], abs=1e-4), key
+
+
 def test_import_and_the_training_input_pipeline_read_it(synthesized):
   from ip2p_jax.cli import main
   from ip2p_jax.data import builders, input_pipeline
