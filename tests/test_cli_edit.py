@@ -107,6 +107,15 @@ def test_grid_sweeps_both_scales(model, env, tmp_path):
   # both rows; every other scale pair gives a different edit.
   assert cells[0].tobytes() == cells[3].tobytes()
   assert len({c.tobytes() for c in cells}) == 5
+  # Rows are image scales, columns text scales: the cell at (image 2, text 5) is the
+  # plain edit at those scales (same noise: the file name's), within one level.
+  r = ip2p("edit", str(src), "-p", "add a hat", "-o", str(tmp_path / "single"), "--model",
+           model, "--steps", "2", "--resolution", "16", "--text-scale", "5",
+           "--image-scale", "2", env=env)
+  assert r.returncode == 0, r.stderr
+  single = np.asarray(Image.open(tmp_path / "single" / "a.png").convert("RGB"), np.int16)
+  assert np.abs(cells[4][..., :3].astype(np.int16) - single).max() <= 1
+  assert np.abs(cells[2][..., :3].astype(np.int16) - single).max() > 1
 
 
 def test_missing_model_and_inputs_are_clear_errors(env, tmp_path):

@@ -256,6 +256,12 @@ def test_same_names_in_subfolders_and_reruns(model, tmp_path, capsys):
       "make the circle blue"] * 3 + ["make it red"]
   assert all(r["instruction"] == "make it red" for r in manifest["outputs"].values())
   assert _embedded(out / "x/img.png")["instruction"] == "make it red"
+  # and the pictures are the new instruction's edits, not the old files relabelled
+  import io
+  pixels = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  changed = [rel for rel, data in first.items()
+             if not np.array_equal(pixels((out / rel).read_bytes()), pixels(data))]
+  assert sorted(changed) == sorted(first), changed
 
 
 def test_inputs_that_would_share_an_output_are_refused(model, tmp_path, capsys):

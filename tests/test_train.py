@@ -60,6 +60,27 @@ def test_each_stage_trains_and_exports(stage, shapes_dataset, tmp_path):
                output_type="np")
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
     assert np.abs(out.images).mean() > 1 / 255  # a picture, not the black input back
+  else:  # it loads in diffusers / transformers, holding the run's EMA weights
+    import diffusers
+    import transformers
+    ema = jax.device_get(summary["state"].ema_params)
+    if stage == "vae":
+      vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(summary["export"], "vae"))
+      theirs, ours = vae.decoder.conv_out.weight, ema["decoder"]["conv_out"]["kernel"]
+      scale = vae.config.scaling_factor
+      assert np.isfinite(scale) and scale > 0 and scale != 0.18215  # measured on the data
+    elif stage == "text_to_image":  # a text-to-image pipeline folder: its UNet
+      unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(summary["export"],
+                                                                         "unet"))
+      theirs, ours = unet.conv_out.weight, ema["conv_out"]["kernel"]
+    else:
+      clip = transformers.CLIPModel.from_pretrained(summary["export"] + "/clip")
+      transformers.CLIPTextModel.from_pretrained(summary["export"] + "/text_encoder")
+      theirs = clip.text_model.final_layer_norm.weight
+      ours = ema["text_model"]["final_layer_norm"]["scale"]
+    theirs = theirs.detach().numpy()
+    ours = np.asarray(ours).transpose(3, 2, 0, 1) if theirs.ndim == 4 else np.asarray(ours)
+    np.testing.assert_array_equal(theirs, ours)
 
 
 @pytest.mark.parametrize("stage", sorted(CONFIGS))
