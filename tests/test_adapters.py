@@ -356,8 +356,9 @@ def test_ip2p_edit_applies_the_adapter_at_its_scale(folder, trained_lora, tmp_pa
   base = cli(tmp_path / "base")
   np.testing.assert_array_equal(half, library(0.5))
   np.testing.assert_array_equal(base, library(0))
-  assert np.abs(half - base).mean() > 1.0  # the adapter moved the pixels
-  assert np.abs(half - library(1.0)).mean() > 0.5  # and 0.5 is not 1
+  # the adapter moved the pixels, and 0.5 is not 1 (measured: 2.0 and 2.2 levels)
+  assert np.abs(half - base).mean() > 1.0
+  assert np.abs(half - library(1.0)).mean() > 0.5
 
 
 def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(trained_cd, base):
@@ -375,7 +376,8 @@ def test_merged_custom_diffusion_concepts_keep_each_concepts_keys_and_values(tra
   merged = adapters.merge_custom_diffusion(base, [first, second])
   assert merged.tokens.names == ["<new1>", "<new2>"]
   # every cross-attention key/value kernel, so the loop below checks each one
-  assert set(merged.deltas) == set(first.deltas) == set(custom_diffusion.select(base.params["unet"]))
+  every = set(custom_diffusion.select(base.params["unet"]))
+  assert set(merged.deltas) == set(first.deltas) == every
   both = adapters.apply(adapters.apply(base, first, 0.0), second, 0.0,
                         base_unet=base.params["unet"])
   w0 = targets.kernels(base.params["unet"])

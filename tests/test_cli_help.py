@@ -179,13 +179,14 @@ def test_karras_for_a_sampler_without_it_is_one_line(model, tmp_path, capsys):
   assert status == 2 and len(err) == 1 and "--karras: ddim has no Karras sigmas" in err[0]
 
 
-def test_help_and_argument_errors_answer_without_importing_jax():
+def test_help_and_argument_errors_answer_without_importing_jax(tmp_path):
   # The parser imports no JAX (lazy package exports, ip2p_jax._lazy): `ip2p --help` and
   # a mistyped flag answer in ~0.2 s instead of JAX's ~1.5 s import on a 2-core CPU.
   # So does an input path that matches nothing (checked before the model's imports).
+  folder = tmp_path / "unused-out"
   code = ("import sys\nfrom ip2p_jax.cli import main\n"
           "for argv in (['--help'], ['edit', '--no-such-flag'],\n"
-          "             ['edit', 'no-such-image.png', '-p', 'x', '-o', 'unused-out']):\n"
+          f"             ['edit', 'no-such-image.png', '-p', 'x', '-o', {str(folder)!r}]):\n"
           "  try:\n    print('exit', main(argv))\n"
           "  except SystemExit as e:\n    print('exit', e.code)\n"
           "print(sorted({m.split('.')[0] for m in sys.modules} & "
@@ -196,7 +197,7 @@ def test_help_and_argument_errors_answer_without_importing_jax():
   exits = [line for line in lines if line.startswith("exit ")]
   assert exits == ["exit 0", "exit 2", "exit 2"] and lines[-1] == "[]", out.stdout[-500:]
   assert "no-such-image.png: no such file, folder or matching glob" in out.stderr
-  assert not os.path.exists(os.path.join(ROOT, "unused-out"))
+  assert not folder.exists()
   # and the lazy exports still resolve, to the same objects as their modules'
   from ip2p_jax import pipelines
   from ip2p_jax.diffusion import DEFAULT_STEPS, schedules as sch

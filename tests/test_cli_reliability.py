@@ -7,6 +7,7 @@ one ``ip2p: error:`` line on stderr and must leave no output folder behind. Then
 sequences that need several runs: inputs of the same name in different subfolders,
 reruns with other settings, and a second dataset imported into the same folder.
 """
+import io
 import json
 import os
 import shutil
@@ -257,7 +258,6 @@ def test_same_names_in_subfolders_and_reruns(model, tmp_path, capsys):
   assert all(r["instruction"] == "make it red" for r in manifest["outputs"].values())
   assert _embedded(out / "x/img.png")["instruction"] == "make it red"
   # and the pictures are the new instruction's edits, not the old files relabelled
-  import io
   pixels = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
   changed = [rel for rel, data in first.items()
              if not np.array_equal(pixels((out / rel).read_bytes()), pixels(data))]

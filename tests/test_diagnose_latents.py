@@ -29,14 +29,39 @@ def test_round_trip_and_linear_edits(model, diagnose):
   regions = diagnose.round_trip(latents, examples)
   assert set(regions) == {"object interiors", "object edges", "background", "whole"}
   want = vae_psnr(pipe, np.stack([e.input_image for e in examples]))
-  assert regions["whole"] == pytest.approx(want, abs=1e-6)
+  # one fused program there, two here: a pixel may round the other way
+  assert regions["whole"] == pytest.approx(want, abs=0.01)
   for kind in ("background", "recolor"):
     edits = heldout_examples(3, latents.size, 3, edit_types=[kind])
     scores = diagnose.linear_edits(latents, edits, kind)
     assert all(np.isfinite(v) for v in scores.values()), scores
     # No edit at all (target = input): zero shift, so all three decode the same latents.
-    unedited = [dataclasses.replace(e, edited_image=e.input_image) for e in edits]
+    unedited = [dataclasses.replace(e, edited_image=e.input_image, edited_scene=e.input_scene)
+                for e in edits]
     same = diagnose.linear_edits(latents, unedited, kind)
     assert same["linear"] == pytest.approx(same["copy"], abs=1e-9)
     assert same["ceiling"] == pytest.approx(same["copy"], abs=1e-9)
-    assert same["copy"] != pytest.approx(scores["copy"])  # a real edit moves the target
+    assert same["linear"] != pytest.approx(scores["linear"])  # a real edit moves it
+
+
+def test_the_linear_prediction_in_an_identity_latent_space(diagnose):
+  """With pixels as the latents (an identity "VAE", one pixel per cell) the background
+  prediction is exact: every pixel no object touches takes the target's colour, and every
+  pixel an object touches keeps the input's."""
+  from ip2p_jax.data import shapes
+  from ip2p_jax.metrics import heldout_examples
+  size = 32
+  identity = object.__new__(diagnose.Latents)
+  identity.size, identity.factor = size, 1
+  identity.encode = identity.decode = lambda x: np.asarray(x, np.float32)
+  examples = heldout_examples(4, size, 5, edit_types=["background"])
+  predicted, z_in, z_target, _, _ = diagnose.predict_linear(identity, examples, "background")
+  for k, e in enumerate(examples):
+    cover = np.zeros((size, size))
+    for obj in e.input_scene.objects:
+      cover = np.maximum(cover, shapes.coverage(obj, size))
+    free, touched = cover == 0, e.input_masks > 0
+    assert free.any() and touched.any()
+    np.testing.assert_array_equal(predicted[k][free & ~touched], z_target[k][free & ~touched])
+    np.testing.assert_array_equal(predicted[k][touched], z_in[k][touched])
+    assert not np.array_equal(z_in[k][free], z_target[k][free])  # the background did change

@@ -113,14 +113,14 @@ def test_guidance_off_matches_diffusers(ip2p, inputs, scales):
              image_guidance_scale=scales[1], latents=latents, scheduler="euler",
              output_type="np").images
   assert np.abs(got - want).max() <= TOL
-  # The switch matters: just inside the guided range (text 1.001 / image 1) the result is
-  # another picture, so matching diffusers here is the rule, not a coincidence (measured:
-  # 0.011 at text 1.001, where only half the image term of this random model remains).
-  inside = (max(scales[0], 1.001), max(scales[1], 1.0))
+  # The switch matters: inside the guided range (text 4 / image 1) the result is another
+  # picture, so matching diffusers here is the rule, not a coincidence (this random
+  # model's guidance is weak: 0.011 at text 1.001, 0.018 at text 2).
+  inside = (max(scales[0], 4.0), max(scales[1], 1.0))
   guided = ours(PROMPTS, images, num_inference_steps=4, guidance_scale=inside[0],
                 image_guidance_scale=inside[1], latents=latents, scheduler="euler",
                 output_type="np").images
-  assert np.abs(guided - got).max() > 4 * TOL
+  assert np.abs(guided - got).max() > 5 * TOL
 
 
 @pytest.mark.parametrize("sampler", schedules.KARRAS_SAMPLERS)

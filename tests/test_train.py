@@ -74,8 +74,8 @@ def test_each_stage_trains_and_exports(stage, shapes_dataset, tmp_path):
                                                                          "unet"))
       theirs, ours = unet.conv_out.weight, ema["conv_out"]["kernel"]
     else:
-      clip = transformers.CLIPModel.from_pretrained(summary["export"] + "/clip")
-      transformers.CLIPTextModel.from_pretrained(summary["export"] + "/text_encoder")
+      clip = transformers.CLIPModel.from_pretrained(os.path.join(summary["export"], "clip"))
+      transformers.CLIPTextModel.from_pretrained(os.path.join(summary["export"], "text_encoder"))
       theirs = clip.text_model.final_layer_norm.weight
       ours = ema["text_model"]["final_layer_norm"]["scale"]
     theirs = theirs.detach().numpy()

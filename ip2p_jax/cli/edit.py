@@ -176,8 +176,9 @@ def _check_inputs(inputs) -> None:
 
 
 def _plan(args, info, process: tuple[int, int]):
-  """Everything checked before the model loads: settings, inputs, output folder, records.
-  ``process``: (index, count) of this process."""
+  """Everything checked before the model loads: settings, output folder, records (the
+  inputs were checked by ``run`` before anything else). ``process``: (index, count) of
+  this process."""
   from ip2p_jax import editing
   from ip2p_jax.checkpoints.fingerprint import folder_hash
   from ip2p_jax.adapters.files import file_hash
@@ -210,7 +211,6 @@ def _plan(args, info, process: tuple[int, int]):
       raise CommandError(f"--karras: {name} has no Karras sigmas in diffusers; samplers that "
                          f"do: {', '.join(schedules.KARRAS_SAMPLERS)}")
     schedules.ScheduleConfig.from_dict(info.scheduler_config, name)
-  _check_inputs(args.inputs)
   _check_prompt_lengths(dict.fromkeys(step.instruction for step in steps), info.tokenizer_dir)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     raise CommandError(f"-o {args.output}: exists and is not a folder")
