@@ -30,6 +30,14 @@ def _mean(values) -> float:
   return float(np.mean([v for v in values if v is not None]))
 
 
+def _coverage(scene, size: int) -> np.ndarray:
+  """How much of each pixel the scene's objects cover (0 background, 1 interior)."""
+  cover = np.zeros((size, size))
+  for obj in scene.objects:
+    cover = np.maximum(cover, shapes.coverage(obj, size))
+  return cover
+
+
 class Latents:
   """The pipeline's VAE as jitted encode (posterior mode) and 8-bit decode."""
 
@@ -57,9 +65,7 @@ def round_trip(latents: Latents, examples) -> dict:
   back = np.asarray(latents.decode(latents.encode(x)))
   regions = {"object interiors": [], "object edges": [], "background": [], "whole": []}
   for k, e in enumerate(examples):
-    cover = np.zeros((size, size))
-    for obj in e.input_scene.objects:
-      cover = np.maximum(cover, shapes.coverage(obj, size))
+    cover = _coverage(e.input_scene, size)
     for name, mask in (("object interiors", cover >= 1),
                        ("object edges", (cover > 0) & (cover < 1)),
                        ("background", cover == 0), ("whole", None)):
@@ -67,11 +73,6 @@ def round_trip(latents: Latents, examples) -> dict:
   return {name: _mean(values) for name, values in regions.items()}
 
 
-def _interiors(scene, size: int) -> np.ndarray:
-  cover = np.zeros((size, size))
-  for obj in scene.objects:
-    cover = np.maximum(cover, shapes.coverage(obj, size))
-  return cover >= 1
 
 
 def linear_edits(latents: Latents, examples, kind: str) -> dict:
@@ -112,7 +113,7 @@ def predict_linear(latents: Latents, examples, kind: str):
     if kind == "background":
       objects = latents.share(e.input_masks > 0)
       predicted.append(z_in[k] + (1.0 - objects)[..., None] * (bare_target[k] - bare_in[k]))
-      regions.append(_interiors(e.input_scene, size))
+      regions.append(_coverage(e.input_scene, size) >= 1)  # the objects' interiors
     else:
       objects = latents.share(e.edit_mask)
       source = objects >= objects.max() - 1e-6
