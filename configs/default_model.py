@@ -46,6 +46,11 @@ VAE = {**models.TINY_VAE, "block_out_channels": [16, 32, 64, 128], "layers_per_b
        "norm_num_groups": 8, "sample_size": RESOLUTION, "latent_channels": 8,
        "mid_block_add_attention": False,
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+# The finer latent grid measured as the next lever (README.md, "Why the objects a
+# background edit keeps are lost"): one level fewer, 4x downsampling, 32x32x8 latents at
+# 128 px, so an object's interior has latent cells of its own.
+VAE_F4 = {**VAE, "block_out_channels": [16, 32, 64],
+          "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
 UNET = {**models.TINY_UNET, "block_out_channels": [64, 128, 128], "layers_per_block": 1,
         "attention_head_dim": 4, "cross_attention_dim": 64, "norm_num_groups": 16,
         "sample_size": RESOLUTION // 8,
@@ -65,7 +70,7 @@ LATENTS = f"{RUNS}/latents/train.arrayrecord"
 # Stage 2 started from stage 1 at step 600; the bundled text-to-image model is that run
 # continued to 3200 (constant LR to step 2249, then --config.lr_schedule=cosine
 # --config.total_steps=3200; scripts/install_default_model.py --only t2i).
-STEPS = {"vae": 1500, "vae_decoder": 6000, "clip": 600, "t2i": 600, "ip2p": 8000,
+STEPS = {"vae": 1500, "vae_f4": 1500, "vae_decoder": 6000, "clip": 600, "t2i": 600, "ip2p": 8000,
          "scratch": 500}
 
 
@@ -101,10 +106,12 @@ def get_config(stage="ip2p"):
   # first sampling step, which settles the global colours, would never be trained;
   # measured, stage 2 with it had 0% background success after 750 steps.
   c.min_snr_gamma = 0.0
-  if stage in ("vae", "vae_decoder"):
+  if stage in ("vae", "vae_f4", "vae_decoder"):
     c.stage, c.learning_rate, c.batch_size = "vae", 2e-3, 8
     c.lr_schedule, c.vae_crop, c.vae_mse_weight = "cosine", 96, 1.0
     c.ema_decay = 0.99
+    if stage == "vae_f4":
+      c.model.vae = VAE_F4
     if stage == "vae_decoder":  # the decoder alone, longer: the latents stay as they are
       c.model.vae_from, c.vae_train, c.learning_rate = f"{RUNS}/vae/export/vae", "decoder", 1e-3
   elif stage == "clip":

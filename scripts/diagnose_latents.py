@@ -9,7 +9,7 @@
    region the success rule reads, beside copying the input's latents and decoding the
    target's own latents (the ceiling).
 
-  python scripts/diagnose_latents.py [--model DIR] [--num 64] [--data-seed 11]
+  python scripts/diagnose_latents.py [--model DIR | --vae DIR] [--num 64] [--data-seed 11]
 """
 import argparse
 import dataclasses
@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
+from ip2p_jax.checkpoints import load_component  # noqa: E402
 from ip2p_jax.data import shapes  # noqa: E402
 from ip2p_jax.metrics import heldout_examples, psnr  # noqa: E402
 
@@ -39,17 +40,27 @@ def _coverage(scene, size: int) -> np.ndarray:
 
 
 class Latents:
-  """The pipeline's VAE as jitted encode (posterior mode) and 8-bit decode."""
+  """A VAE as jitted encode (posterior mode) and 8-bit decode of ``size`` px images."""
 
-  def __init__(self, pipe):
-    vae, params = pipe.vae, pipe.params["vae"]
-    self.size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    self.factor = pipe.vae_scale_factor
+  def __init__(self, vae, params, size: int):
+    self.size, self.factor = size, 2 ** (len(vae.config.block_out_channels) - 1)
     sample = lambda y: getattr(y, "sample", y)
     self.encode = jax.jit(
         lambda x: vae.apply({"params": params}, x / 127.5 - 1, method="encode").mode())
     self.decode = jax.jit(lambda z: ((sample(vae.apply({"params": params}, z, method="decode"))
                                       + 1) * 127.5).clip(0, 255).round())
+
+  @classmethod
+  def of_pipeline(cls, pipe) -> "Latents":
+    """The editor's VAE at the editor's resolution."""
+    return cls(pipe.vae, pipe.params["vae"], pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+  @classmethod
+  def of_folder(cls, folder: str) -> "Latents":
+    """A VAE folder (``config.json`` + safetensors) at its ``sample_size``, to measure a
+    VAE before any UNet is trained on it (e.g. ``configs/default_model.py:vae_f4``)."""
+    vae, params = load_component(folder)
+    return cls(vae, params, vae.config.sample_size)
 
   def share(self, mask: np.ndarray) -> np.ndarray:
     """The share of each latent cell's pixels that ``mask`` covers."""
@@ -128,10 +139,13 @@ def predict_linear(latents: Latents, examples, kind: str):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default=None, help="editor folder (default: the bundled one)")
+  parser.add_argument("--vae", default=None,
+                      help="measure this VAE folder instead of the editor's (no UNet needed)")
   parser.add_argument("--num", type=int, default=64, help="scenes per measurement")
   parser.add_argument("--data-seed", type=int, default=11, help="held-out split seed")
   args = parser.parse_args()
-  latents = Latents(InstructPix2PixPipeline.from_pretrained(args.model))
+  latents = (Latents.of_folder(args.vae) if args.vae else
+             Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(args.model)))
   regions = round_trip(latents, heldout_examples(args.num, latents.size, args.data_seed))
   print(f"VAE round trip, {args.num} held-out inputs (PSNR dB): " +
         ", ".join(f"{name} {value:.2f}" for name, value in regions.items()))

@@ -99,6 +99,21 @@ def test_sweep_writes_csv_and_plot(model, clip, tmp_path, capsys):
   assert len({r["sim_image"] for r in rows}) > 1
   assert Image.open(out / "sweep.png").size[0] > 100
   assert len(json.load(open(out / "eval.json"))["sweep"]) == 14
+  # Each row is the eval at its own scales: a plain `ip2p eval` at two of them (one from
+  # each sweep) gives the row's numbers.
+  for text_scale, image_scale in ((3.0, 1.5), (7.5, 2.2)):
+    single = tmp_path / f"t{text_scale}_i{image_scale}"
+    rc = main(["eval", "--model", model, "--num", "2", "--out", str(single), "--clip", clip,
+               "--batch-size", "2", "--text-scale", str(text_scale),
+               "--image-scale", str(image_scale), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    overall = json.load(open(single / "eval.json"))["overall"]
+    row = next(r for r in rows if (float(r["text_scale"]), float(r["image_scale"])) ==
+               (text_scale, image_scale))
+    for key in reports.SWEEP_COLUMNS[3:]:  # "" where undefined (no region outside a global edit)
+      value = None if row[key] == "" else float(row[key])
+      assert value == pytest.approx(overall[key], abs=1e-6), (key, row, overall)
+    assert float(row["sim_direction"]) == pytest.approx(overall["sim_direction"], abs=1e-6)
 
 
 def test_eval_on_a_built_dataset(model, dataset, tmp_path, capsys, no_default_clip):

@@ -24,9 +24,14 @@ def test_round_trip_and_linear_edits(model, diagnose):
   from ip2p_jax import InstructPix2PixPipeline
   from ip2p_jax.metrics import heldout_examples, vae_psnr
   pipe = InstructPix2PixPipeline.from_pretrained(model)
-  latents = diagnose.Latents(pipe)
+  latents = diagnose.Latents.of_pipeline(pipe)
   examples = heldout_examples(4, latents.size, 3)
   regions = diagnose.round_trip(latents, examples)
+  # the VAE folder alone (--vae) measures what the editor's VAE does
+  alone = diagnose.Latents.of_folder(os.path.join(model, "vae"))
+  x = np.stack([e.input_image for e in examples]).astype(np.float32)
+  assert alone.factor == latents.factor
+  np.testing.assert_array_equal(alone.encode(x), latents.encode(x))
   assert set(regions) == {"object interiors", "object edges", "background", "whole"}
   want = vae_psnr(pipe, np.stack([e.input_image for e in examples]))
   # one fused program there, two here: a pixel may round the other way
