@@ -3,13 +3,16 @@
 
 1. the VAE round trip (posterior mode) per region: object interiors, object edges,
    background, whole image; the whole-image number hides how the objects come back;
-2. whether the latent space is colour-linear where it matters: each edit predicted cell
+2. what a perfect UNet would score: the exact targets through the VAE, judged by
+   ``ip2p eval``'s success rule (``perfect_unet``), the ceiling this VAE puts on the bars;
+3. whether the latent space is colour-linear where it matters: each edit predicted cell
    by cell as the input's latents plus the changed colour's share of the cell times that
    colour's shift (``linear_edits``), decoded and compared with the exact target on the
    region the success rule reads, beside copying the input's latents and decoding the
    target's own latents (the ceiling).
 
   python scripts/diagnose_latents.py [--model DIR | --vae DIR] [--num 64] [--data-seed 11]
+      [--ceiling-num 200]
 """
 import argparse
 import dataclasses
@@ -24,7 +27,7 @@ import numpy as np  # noqa: E402
 from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
 from ip2p_jax.checkpoints import load_component  # noqa: E402
 from ip2p_jax.data import shapes  # noqa: E402
-from ip2p_jax.metrics import heldout_examples, psnr  # noqa: E402
+from ip2p_jax.metrics import heldout_examples, psnr, score_edit, summarize  # noqa: E402
 
 
 def _mean(values) -> float:
@@ -86,6 +89,17 @@ def round_trip(latents: Latents, examples) -> dict:
 
 
 
+def perfect_unet(latents: Latents, examples, batch: int = 64) -> dict:
+  """``metrics.summarize`` of the exact targets' round trips (posterior mode, decoded to
+  8 bits) scored as edits: what an editor whose UNet gave each target's own latents
+  would score, so the most ``ip2p eval`` can report with this VAE."""
+  outputs = []
+  for start in range(0, len(examples), batch):
+    targets = np.stack([e.edited_image for e in examples[start:start + batch]])
+    outputs.extend(np.asarray(latents.decode(latents.encode(targets.astype(np.float32)))))
+  return summarize([score_edit(e, out.astype(np.uint8)) for e, out in zip(examples, outputs)])
+
+
 def linear_edits(latents: Latents, examples, kind: str) -> dict:
   """PSNR (dB) against the exact targets, on the region the rule reads (the objects'
   interiors for a background edit, the recoloured object for a recolour), of three
@@ -143,12 +157,21 @@ def main():
                       help="measure this VAE folder instead of the editor's (no UNet needed)")
   parser.add_argument("--num", type=int, default=64, help="scenes per measurement")
   parser.add_argument("--data-seed", type=int, default=11, help="held-out split seed")
+  parser.add_argument("--ceiling-num", type=int, default=200,
+                      help="examples of ip2p eval's split (data seed 0) for the perfect UNet")
   args = parser.parse_args()
   latents = (Latents.of_folder(args.vae) if args.vae else
              Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(args.model)))
   regions = round_trip(latents, heldout_examples(args.num, latents.size, args.data_seed))
   print(f"VAE round trip, {args.num} held-out inputs (PSNR dB): " +
         ", ".join(f"{name} {value:.2f}" for name, value in regions.items()))
+  ceiling = perfect_unet(latents, heldout_examples(args.ceiling_num, latents.size, 0))
+  overall = ceiling["overall"]
+  print(f"a perfect UNet (the exact targets through the VAE), ip2p eval's first "
+        f"{args.ceiling_num} held-out edits: success {100 * overall['success']:.1f}%, PSNR "
+        f"outside the edit {overall['psnr_outside']:.2f} dB; " +
+        ", ".join(f"{name} {100 * group['success']:.1f}% (n = {group['n']})"
+                  for name, group in ceiling["per_edit_type"].items() if group["n"]))
   for kind in ("background", "recolor"):
     examples = heldout_examples(args.num, latents.size, args.data_seed, edit_types=[kind])
     scores = linear_edits(latents, examples, kind)

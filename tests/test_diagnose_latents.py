@@ -70,3 +70,20 @@ def test_the_linear_prediction_in_an_identity_latent_space(diagnose):
     np.testing.assert_array_equal(predicted[k][free & ~touched], z_target[k][free & ~touched])
     np.testing.assert_array_equal(predicted[k][touched], z_in[k][touched])
     assert not np.array_equal(z_in[k][free], z_target[k][free])  # the background did change
+
+
+def test_a_perfect_unet_scores_what_the_rule_gives_the_vae_round_trip(model, diagnose):
+  """An identity "VAE" passes the exact targets through untouched: every edit succeeds,
+  with nothing changed outside the edit; the tiny random VAE's round trips (noise) do not."""
+  from ip2p_jax import InstructPix2PixPipeline
+  from ip2p_jax.metrics import heldout_examples
+  size = 32
+  identity = object.__new__(diagnose.Latents)
+  identity.size, identity.factor = size, 1
+  identity.encode = identity.decode = lambda x: np.asarray(x, np.float32)
+  exact = diagnose.perfect_unet(identity, heldout_examples(24, size, 0), batch=5)
+  assert exact["overall"]["n"] == 24 and exact["overall"]["success"] == 1.0
+  assert exact["overall"]["psnr_outside"] == 100.0  # psnr caps an exact match at 100 dB
+  latents = diagnose.Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(model))
+  noisy = diagnose.perfect_unet(latents, heldout_examples(24, latents.size, 0))
+  assert noisy["overall"]["success"] < 0.5 and noisy["overall"]["psnr_outside"] < 20
