@@ -56,6 +56,13 @@ UNET = {**models.TINY_UNET, "block_out_channels": [64, 128, 128], "layers_per_bl
         "sample_size": RESOLUTION // 8,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+# UNET for VAE_F4's 32x32 latents: a convolution-only level in front, so attention sits
+# at the same 16x16 and 8x8 resolutions (and costs the same) as in UNET.
+UNET_F4 = {**UNET, "block_out_channels": [64, 64, 128, 128], "sample_size": RESOLUTION // 4,
+           "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                "DownBlock2D"],
+           "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                              "UpBlock2D"]}
 SCHEDULER = {**IP2P_SCHEDULER, "prediction_type": "v_prediction",
              "timestep_spacing": "trailing", "steps_offset": 0, "rescale_betas_zero_snr": True}
 RUNS = "runs/default"

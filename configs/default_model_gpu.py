@@ -12,6 +12,11 @@ but this repository travels to the accelerator.
                 block, from random
   wide          stage 2 for that UNet, initialised from ``wide_t2i``'s export
   wide_scratch  the same stage 2 from a random UNet: the stage-1 ablation at this scale
+  scratch       stage 2 of the bundled UNet's architecture from random (16x16 latents)
+  f4            the same from random on the finer latent grid: ``default_model.VAE_F4``
+                (32x32 latents, its folder in runs/gpu/vae_f4, trained on the CPU by
+                ``configs/default_model.py:vae_f4``) and ``default_model.UNET_F4``; run
+                beside ``scratch`` (``STAGES="scratch f4"``) it measures the grid alone
 
   python scripts/train.py --config=configs/default_model_gpu.py:cont --workdir=runs/gpu/cont
 """
@@ -23,7 +28,7 @@ WIDE_UNET = {**default_model.UNET, "block_out_channels": [96, 128, 128],
              "layers_per_block": 2, "attention_head_dim": 8,
              "down_block_types": ["CrossAttnDownBlock2D"] * 3,
              "up_block_types": ["CrossAttnUpBlock2D"] * 3}
-STAGES = ("cont", "cont_big", "wide_t2i", "wide", "wide_scratch")
+STAGES = ("cont", "cont_big", "wide_t2i", "wide", "wide_scratch", "scratch", "f4")
 
 
 def get_config(stage="cont"):
@@ -65,4 +70,11 @@ def get_config(stage="cont"):
     c.eval_every = 200  # 200 x 1024 examples: about cont's 500 x 256 between evaluations, x1.6
   if stage == "wide":
     c.model.init_from = f"{RUNS}/wide_t2i/export"
+  if stage == "scratch":
+    c.model.unet = {**default_model.UNET, "in_channels": 2 * latent, "out_channels": latent}
+  if stage == "f4":
+    c.model.vae_from = f"{RUNS}/vae_f4"
+    c.data.latents = f"{RUNS}/latents_f4/train.arrayrecord"
+    latent = default_model.VAE_F4["latent_channels"]
+    c.model.unet = {**default_model.UNET_F4, "in_channels": 2 * latent, "out_channels": latent}
   return c

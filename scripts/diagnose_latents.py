@@ -104,7 +104,8 @@ def linear_edits(latents: Latents, examples, kind: str) -> dict:
   """PSNR (dB) against the exact targets, on the region the rule reads (the objects'
   interiors for a background edit, the recoloured object for a recolour), of three
   latents decoded: the linear prediction, the input's (copied) and the target's own (the
-  ceiling); and ``mixed``, the share of the cells the objects touch that they do not fill.
+  ceiling); each one's success under ``ip2p eval``'s rule (``"linear success"``, ...);
+  and ``mixed``, the share of the cells the objects touch that they do not fill.
 
   Linear prediction, cell by cell: background edit, the input's latents plus (background
   share of the cell) x (the cell's shift between the two scenes drawn without objects);
@@ -116,7 +117,10 @@ def linear_edits(latents: Latents, examples, kind: str) -> dict:
              (("linear", predicted), ("copy", z_in), ("ceiling", z_target))}
   scores = {name: _mean(psnr(out[k], target[k], regions[k]) for k in range(len(examples)))
             for name, out in decoded.items()}
-  return {**scores, "mixed": float(np.mean(mixed))}
+  success = {f"{name} success": float(np.mean([score_edit(e, out[k])["success"]
+                                               for k, e in enumerate(examples)]))
+             for name, out in decoded.items()}
+  return {**scores, **success, "mixed": float(np.mean(mixed))}
 
 
 def predict_linear(latents: Latents, examples, kind: str):
@@ -178,7 +182,9 @@ def main():
     region = "the objects' interiors" if kind == "background" else "the recoloured object"
     print(f"{kind}: {region} vs the target (PSNR dB): linear latent edit "
           f"{scores['linear']:.2f}, input's latents copied {scores['copy']:.2f}, target's "
-          f"own latents (ceiling) {scores['ceiling']:.2f}; {100 * scores['mixed']:.0f}% of "
+          f"own latents (ceiling) {scores['ceiling']:.2f}; success under the rule: linear "
+          f"{100 * scores['linear success']:.0f}%, copied {100 * scores['copy success']:.0f}%, "
+          f"ceiling {100 * scores['ceiling success']:.0f}%; {100 * scores['mixed']:.0f}% of "
           "the cells the objects touch are shared with the background")
 
 

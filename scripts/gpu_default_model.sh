@@ -14,17 +14,20 @@
 #      does the latent cache, which is built on the GPU once the data is there;
 #   2. the benchmarks end by themselves or are stopped at BENCH_UNTIL;
 #   3. the STAGES (default `cont`, the bundled UNet continued, and `wide_scratch`, a
-#      UNet twice its size from random) train side by side until BUDGET - FINISH, each
+#      UNet twice its size from random; `scratch f4` compares the latent grids, f4's
+#      VAE trained first if it was not carried) train side by side until BUDGET - FINISH, each
 #      stopped by SIGTERM (the loop saves and exits), exported, their UNets packed in
 #      fp16 into OUT;
 #   4. `ip2p eval` of each export if 90 s or more are left (else the packed UNets are
 #      evaluated off the GPU: `ip2p eval --model` of the bundled model's folder with the
-#      UNet replaced).
+#      UNet replaced, and for f4 the VAE too, packed beside it as unets/f4_vae).
 # Every phase has its own time limit and the timeline and logs are copied into OUT as
 # they come, so a run stopped from outside still returns what it did.
 #
 # On the lent accelerator (wheels in an ignored .whl/, see BENCHMARKS.md "The GPU path"),
-# the one command of a lease (timeout_s 600; carry .whl, built by scripts/gpu_wheels.sh):
+# the one command of a lease (timeout_s 600; carry .whl, built by scripts/gpu_wheels.sh,
+# and runs/gpu/vae_f4 where STAGES names f4 and it was trained here; for the finer-grid
+# comparison add STAGES="scratch f4" to the env below):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl > $OUT/run.log 2>&1; export PYTHONPATH=/tmp/site:$PWD;
 #   mkdir -p /tmp/bin; printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" \
@@ -49,6 +52,7 @@ OUT=${OUT:-runs/gpu/out}
 RUNS=runs/gpu
 TRAIN_CFG=configs/default_model_gpu.py
 STAGES=${STAGES:-"cont wide_scratch"}
+VAE_F4_FLAGS=${VAE_F4_FLAGS:-}  # extra --config.KEY=V for vae_f4 when trained here
 mkdir -p "$OUT" "$RUNS/logs"
 T0=$(date +%s)
 now() { echo $(( $(date +%s) - T0 )); }
@@ -92,9 +96,30 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 fi
 wait $DATA; log "data done (rc $?)"
 LOCKED=""; command -v flock >/dev/null && LOCKED="flock -w 60 $IP2P_DEVICE_LOCK"
-$LOCKED timeout 150 python scripts/build_latent_cache.py \
-  --config "$TRAIN_CFG:cont" --batch-size 256 >"$RUNS/logs/cache.log" 2>&1
-log "latent cache done (rc $?)"
+# One cache per latent grid the STAGES read. f4's VAE (runs/gpu/vae_f4) is carried when
+# trained beforehand (configs/default_model.py:vae_f4, 21 min on the 2-core CPU), else
+# trained here first, time-boxed (VAE_F4_SECONDS).
+CACHES="cont"
+case " $STAGES " in *" f4 "*)
+  CACHES="cont f4"
+  if [ ! -f "$RUNS/vae_f4/config.json" ]; then
+    log "train vae_f4 for ${VAE_F4_SECONDS:=150}s"
+    timeout -s TERM -k 20 "$VAE_F4_SECONDS" python scripts/train.py \
+      --config=configs/default_model.py:vae_f4 --workdir="$RUNS/vae_f4_run" \
+      --config.data.path="$RUNS/data" $VAE_F4_FLAGS >"$RUNS/logs/vae_f4.log" 2>&1
+    step=$(last_step vae_f4_run)
+    [ -n "$step" ] && timeout 60 python scripts/train.py --config=configs/default_model.py:vae_f4 \
+      --workdir="$RUNS/vae_f4_run" --config.data.path="$RUNS/data" $VAE_F4_FLAGS \
+      --config.total_steps="$step" >>"$RUNS/logs/vae_f4.log" 2>&1 \
+      && cp -r "$RUNS/vae_f4_run/export/vae" "$RUNS/vae_f4"
+    log "vae_f4 stopped at step ${step:-none}: $(ls "$RUNS/vae_f4" 2>/dev/null | tr '\n' ' ')"
+  fi;;
+esac
+for cache in $CACHES; do
+  $LOCKED timeout 150 python scripts/build_latent_cache.py \
+    --config "$TRAIN_CFG:$cache" --batch-size 256 >"$RUNS/logs/cache_$cache.log" 2>&1
+  log "latent cache $cache done (rc $?)"
+done
 
 # 2. The benchmarks' end (theirs or BENCH_UNTIL's).
 for pid in "${BENCHES[@]}"; do
@@ -112,15 +137,22 @@ if [ "$WINDOW" -gt 60 ]; then
   for stage in $STAGES; do timed_train "$stage" "$WINDOW" & PIDS+=($!); done
   wait "${PIDS[@]}"
   timeout 30 python - "$RUNS" "$OUT" $STAGES <<'EOF' 2>&1 | tee -a "$RUNS/logs/timeline.txt"
-import os, sys, numpy as np
+import json, os, sys, numpy as np
+from ip2p_jax.bundled import DEFAULT_MODEL
 from ip2p_jax.checkpoints import load_component, save_component
 runs, out, *stages = sys.argv[1:]
+config = lambda folder: json.load(open(os.path.join(folder, "config.json")))
 for run in stages:
   unet = os.path.join(runs, run, "export", "unet")
   if os.path.isdir(unet):
     module, params = load_component(unet)
     save_component(os.path.join(runs, "unets", run), module, params, dtype=np.float16)
     print("fp16 unet", run)
+    vae = os.path.join(runs, run, "export", "vae")  # f4's: not the bundled editor's VAE
+    if config(vae) != config(os.path.join(DEFAULT_MODEL, "vae")):
+      module, params = load_component(vae)
+      save_component(os.path.join(runs, "unets", f"{run}_vae"), module, params)
+      print("vae", run)
 EOF
   tar cf - -C "$RUNS" unets | split -b 15m -a 1 - "$OUT/unets.tar.part-"
   tar czf "$OUT/results.tgz" "$RUNS/logs" "$RUNS"/*/metrics.jsonl 2>/dev/null

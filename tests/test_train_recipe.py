@@ -271,9 +271,10 @@ def test_the_gpu_recipe_builds_on_the_bundled_model():
   from configs import default_model_gpu
   from ip2p_jax.checkpoints import module_from_config
   stages = {s: default_model_gpu.get_config(s) for s in default_model_gpu.STAGES}
-  for c in stages.values():
+  for stage, c in stages.items():
     for name in ("vae", "text_encoder", "tokenizer"):
-      assert os.path.isdir(c.model[f"{name}_from"]), c.model[f"{name}_from"]
+      if (stage, name) != ("f4", "vae"):  # f4's VAE is trained here and carried (below)
+        assert os.path.isdir(c.model[f"{name}_from"]), c.model[f"{name}_from"]
   bundled_unet = json.load(open(os.path.join(stages["cont"].model.init_from, "unet",
                                              "config.json")))
   assert (bundled_unet["in_channels"], bundled_unet["out_channels"]) == (16, 8)
@@ -285,5 +286,23 @@ def test_the_gpu_recipe_builds_on_the_bundled_model():
     module = module_from_config(raw, dtype=jnp.float32, param_dtype=jnp.float32)
     shapes = jax.eval_shape(lambda k: module.init(k, *module.dummy_inputs()), jax.random.key(0))
     assert 8e6 < sum(x.size for x in jax.tree.leaves(shapes)) < 16e6  # about 2x the default
+  # f4: the 4x VAE's 128 px images are 32x32x8 latents, which its UNet maps back to
+  # 32x32x8 (noisy + image latent in), attention only at 16x16 and 8x8 as in `scratch`
+  from configs import default_model
+  f4, scratch = stages["f4"], stages["scratch"]
+  assert f4.model.vae_from == "runs/gpu/vae_f4" and f4.data.latents != scratch.data.latents
+  vae = module_from_config(dict(default_model.get_config("vae_f4").model.vae))
+  image = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32)
+  latents = jax.eval_shape(
+      lambda x: vae.init_with_output(jax.random.key(0), x, method="encode")[0].mode(), image)
+  assert latents.shape == (1, 32, 32, 8)
+  for stage, size in (("f4", 32), ("scratch", 16)):
+    module = module_from_config(dict(stages[stage].model.unet))
+    x = jax.ShapeDtypeStruct((2, size, size, 16), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    text = jax.ShapeDtypeStruct((2, 77, 64), jnp.float32)
+    out = jax.eval_shape(lambda x, t, c: module.init_with_output(jax.random.key(0), x, t, c)[0],
+                         x, t, text)
+    assert getattr(out, "sample", out).shape == (2, size, size, 8)
   with pytest.raises(ValueError, match="stage must be one of"):
     default_model_gpu.get_config("ip2p")
