@@ -41,12 +41,16 @@ def test_round_trip_and_linear_edits(model, diagnose):
     scores = diagnose.linear_edits(latents, edits, kind)
     assert all(np.isfinite(v) for v in scores.values()), scores
     # No edit at all (target = input): zero shift, so all three decode the same latents.
-    unedited = [dataclasses.replace(e, edited_image=e.input_image, edited_scene=e.input_scene)
+    # (A background edit's shift comes from the scenes, a recolour's from the images; a
+    # recolour keeps its scene, which names the object the rule scores.)
+    scene = lambda e: e.input_scene if kind == "background" else e.edited_scene
+    unedited = [dataclasses.replace(e, edited_image=e.input_image, edited_scene=scene(e))
                 for e in edits]
     same = diagnose.linear_edits(latents, unedited, kind)
     assert same["linear"] == pytest.approx(same["copy"], abs=1e-9)
     assert same["ceiling"] == pytest.approx(same["copy"], abs=1e-9)
     assert same["linear"] != pytest.approx(scores["linear"])  # a real edit moves it
+    assert same["linear success"] == same["copy success"] == same["ceiling success"]
 
 
 def test_the_linear_prediction_in_an_identity_latent_space(diagnose):
