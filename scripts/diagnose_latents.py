@@ -12,22 +12,25 @@
    target's own latents (the ceiling).
 
   python scripts/diagnose_latents.py [--model DIR | --vae DIR] [--num 64] [--data-seed 11]
-      [--ceiling-num 200]
+      [--ceiling-num 200] [--sheet PNG [--also-vae DIR]]
 """
 import argparse
 import dataclasses
 import os
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
-from ip2p_jax import InstructPix2PixPipeline  # noqa: E402
+from ip2p_jax import InstructPix2PixPipeline, images  # noqa: E402
 from ip2p_jax.checkpoints import load_component  # noqa: E402
 from ip2p_jax.data import shapes  # noqa: E402
-from ip2p_jax.metrics import heldout_examples, psnr, score_edit, summarize  # noqa: E402
+from ip2p_jax.metrics import (evaluate, heldout_examples, psnr, score_edit,  # noqa: E402
+                              summarize)
 
 
 def _mean(values) -> float:
@@ -112,15 +115,70 @@ def linear_edits(latents: Latents, examples, kind: str) -> dict:
   recolour, the input's plus (object share) x (the object's shift per unit share, from
   the cells it covers most)."""
   target = np.stack([e.edited_image for e in examples])
-  predicted, z_in, z_target, regions, mixed = predict_linear(latents, examples, kind)
-  decoded = {name: np.asarray(latents.decode(z)).astype(np.uint8) for name, z in
-             (("linear", predicted), ("copy", z_in), ("ceiling", z_target))}
+  decoded, regions, mixed = decoded_edits(latents, examples, kind)
   scores = {name: _mean(psnr(out[k], target[k], regions[k]) for k in range(len(examples)))
             for name, out in decoded.items()}
   success = {f"{name} success": float(np.mean([score_edit(e, out[k])["success"]
                                                for k, e in enumerate(examples)]))
              for name, out in decoded.items()}
   return {**scores, **success, "mixed": float(np.mean(mixed))}
+
+
+def decoded_edits(latents: Latents, examples, kind: str):
+  """The three latents of :func:`linear_edits` decoded to 8 bits -> ({"linear", "copy",
+  "ceiling"}: uint8 images, the region each example is scored on, the mixed shares)."""
+  predicted, z_in, z_target, regions, mixed = predict_linear(latents, examples, kind)
+  decoded = {name: np.asarray(latents.decode(z)).astype(np.uint8) for name, z in
+             (("linear", predicted), ("copy", z_in), ("ceiling", z_target))}
+  return decoded, regions, mixed
+
+
+def sheet(path: str, examples, columns: dict) -> None:
+  """A PNG with one row per example and one column per ``columns`` entry (a name and
+  uint8 images, one per example), each column headed by its name."""
+  tile, header, gap = 128, 30, 4
+  names = list(columns)
+  width = len(names) * (tile + gap) + gap
+  im = Image.new("RGB", (width, header + len(examples) * (tile + gap) + gap + 16 * len(examples)),
+                 "white")
+  draw = ImageDraw.Draw(im)
+  for c, name in enumerate(names):
+    x = gap + c * (tile + gap)
+    for line, words in enumerate(textwrap.wrap(name, 21)[:2]):
+      draw.text((x, 2 + 13 * line), words, fill="black")
+    for r, e in enumerate(examples):
+      y = header + r * (tile + gap + 16)
+      if c == 0:
+        draw.text((gap, y), e.instruction, fill="black")
+      cell = Image.fromarray(np.asarray(columns[name][r], np.uint8)).resize((tile, tile),
+                                                                             Image.NEAREST)
+      im.paste(cell, (x, y + 14))
+  images.save(im, path)
+
+
+def write_sheet(path: str, pipe, others=(), per_kind: int = 3, seed: int = 11) -> None:
+  """The measurements as a picture: ``per_kind`` background edits and recolours, each
+  as input, exact target, the target through the editor's VAE (a perfect UNet), the
+  linear latent edit on the editor's grid and on each VAE of ``others``
+  (:class:`Latents`), and the editor's own edit (``ip2p eval``'s settings)."""
+  latents = Latents.of_pipeline(pipe)
+  grids = (latents, *others)
+  grid_names = [f"linear latent edit, {grid.factor}x grid" for grid in grids]
+  if len(set(grid_names)) < len(grid_names):  # two VAEs of one grid: number them
+    grid_names = [f"{name} (VAE {k + 1})" for k, name in enumerate(grid_names)]
+  rows, columns = [], {}
+  add = lambda name, images: columns.setdefault(name, []).extend(images)
+  for kind in ("background", "recolor"):
+    examples = heldout_examples(per_kind, latents.size, seed, edit_types=[kind])
+    rows += examples
+    add("input", [e.input_image for e in examples])
+    add("exact target", [e.edited_image for e in examples])
+    decoded = decoded_edits(latents, examples, kind)[0]
+    add("target through the VAE (a perfect UNet)", decoded["ceiling"])
+    for name, grid in zip(grid_names, grids):
+      add(name, decoded_edits(grid, examples, kind)[0]["linear"])
+    add("the editor's edit", evaluate(pipe, examples, batch_size=per_kind)["outputs"])
+  sheet(path, rows, columns)
 
 
 def predict_linear(latents: Latents, examples, kind: str):
@@ -163,7 +221,17 @@ def main():
   parser.add_argument("--data-seed", type=int, default=11, help="held-out split seed")
   parser.add_argument("--ceiling-num", type=int, default=200,
                       help="examples of ip2p eval's split (data seed 0) for the perfect UNet")
+  parser.add_argument("--sheet", default=None,
+                      help="also draw the measurements into this PNG (needs the editor)")
+  parser.add_argument("--also-vae", default=[], action="append",
+                      help="a VAE folder whose linear edits join the sheet (repeatable)")
   args = parser.parse_args()
+  if args.sheet:
+    if args.vae:
+      parser.error("--sheet draws the editor's edits: give --model (or nothing), not --vae")
+    write_sheet(args.sheet, InstructPix2PixPipeline.from_pretrained(args.model),
+                [Latents.of_folder(folder) for folder in args.also_vae])
+    print(f"-> {args.sheet}")
   latents = (Latents.of_folder(args.vae) if args.vae else
              Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(args.model)))
   regions = round_trip(latents, heldout_examples(args.num, latents.size, args.data_seed))

@@ -91,3 +91,27 @@ def test_a_perfect_unet_scores_what_the_rule_gives_the_vae_round_trip(model, dia
   latents = diagnose.Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(model))
   noisy = diagnose.perfect_unet(latents, heldout_examples(24, latents.size, 0))
   assert noisy["overall"]["success"] < 0.5 and noisy["overall"]["psnr_outside"] < 20
+
+
+def test_the_sheet_draws_each_column_in_its_place(model, diagnose, tmp_path):
+  """``--sheet``: one row per edit (a background edit, then a recolour), one column per
+  measurement; the cells hold the images they are named after."""
+  from PIL import Image
+
+  from ip2p_jax import InstructPix2PixPipeline
+  from ip2p_jax.metrics import heldout_examples
+  pipe = InstructPix2PixPipeline.from_pretrained(model)
+  other = diagnose.Latents.of_folder(os.path.join(model, "vae"))
+  path = str(tmp_path / "sheet.png")
+  diagnose.write_sheet(path, pipe, [other], per_kind=1, seed=4)
+  sheet = np.asarray(Image.open(path).convert("RGB"))
+  tile, header, gap = 128, 30, 4
+  assert sheet.shape[1] == 6 * (tile + gap) + gap  # input, target, VAE, 2 linear, editor
+  size = diagnose.Latents.of_pipeline(pipe).size
+  for row, kind in enumerate(("background", "recolor")):
+    example = heldout_examples(1, size, 4, edit_types=[kind])[0]
+    y = header + row * (tile + gap + 16) + 14
+    for column, want in ((0, example.input_image), (1, example.edited_image)):
+      x = gap + column * (tile + gap)
+      cell = np.asarray(Image.fromarray(want).resize((tile, tile), Image.NEAREST))
+      np.testing.assert_array_equal(sheet[y:y + tile, x:x + tile], cell)
