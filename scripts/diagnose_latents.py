@@ -9,7 +9,8 @@
    by cell as the input's latents plus the changed colour's share of the cell times that
    colour's shift (``linear_edits``), decoded and compared with the exact target on the
    region the success rule reads, beside copying the input's latents and decoding the
-   target's own latents (the ceiling).
+   target's own latents (the ceiling);
+4. with ``--sheet``, all of it as a picture beside the editor's own edits.
 
   python scripts/diagnose_latents.py [--model DIR | --vae DIR] [--num 64] [--data-seed 11]
       [--ceiling-num 200] [--sheet PNG [--also-vae DIR]]
@@ -90,8 +91,6 @@ def round_trip(latents: Latents, examples) -> dict:
   return {name: _mean(values) for name, values in regions.items()}
 
 
-
-
 def perfect_unet(latents: Latents, examples, batch: int = 64) -> dict:
   """``metrics.summarize`` of the exact targets' round trips (posterior mode, decoded to
   8 bits) scored as edits: what an editor whose UNet gave each target's own latents
@@ -167,7 +166,7 @@ def write_sheet(path: str, pipe, others=(), per_kind: int = 3, seed: int = 11) -
   if len(set(grid_names)) < len(grid_names):  # two VAEs of one grid: number them
     grid_names = [f"{name} (VAE {k + 1})" for k, name in enumerate(grid_names)]
   rows, columns = [], {}
-  add = lambda name, images: columns.setdefault(name, []).extend(images)
+  add = lambda name, pictures: columns.setdefault(name, []).extend(pictures)
   for kind in ("background", "recolor"):
     examples = heldout_examples(per_kind, latents.size, seed, edit_types=[kind])
     rows += examples
@@ -226,14 +225,13 @@ def main():
   parser.add_argument("--also-vae", default=[], action="append",
                       help="a VAE folder whose linear edits join the sheet (repeatable)")
   args = parser.parse_args()
+  if args.sheet and args.vae:
+    parser.error("--sheet draws the editor's edits: give --model (or nothing), not --vae")
+  pipe = None if args.vae else InstructPix2PixPipeline.from_pretrained(args.model)
   if args.sheet:
-    if args.vae:
-      parser.error("--sheet draws the editor's edits: give --model (or nothing), not --vae")
-    write_sheet(args.sheet, InstructPix2PixPipeline.from_pretrained(args.model),
-                [Latents.of_folder(folder) for folder in args.also_vae])
+    write_sheet(args.sheet, pipe, [Latents.of_folder(folder) for folder in args.also_vae])
     print(f"-> {args.sheet}")
-  latents = (Latents.of_folder(args.vae) if args.vae else
-             Latents.of_pipeline(InstructPix2PixPipeline.from_pretrained(args.model)))
+  latents = Latents.of_folder(args.vae) if args.vae else Latents.of_pipeline(pipe)
   regions = round_trip(latents, heldout_examples(args.num, latents.size, args.data_seed))
   print(f"VAE round trip, {args.num} held-out inputs (PSNR dB): " +
         ", ".join(f"{name} {value:.2f}" for name, value in regions.items()))
