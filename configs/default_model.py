@@ -7,6 +7,8 @@ resumable and each initialised from the previous one's export:
              22.9 dB), trained with L1 + MSE on random 96 px crops (it is convolutional:
              no mid-block attention); its export's ``scaling_factor`` is measured on the
              data (1 / latent std). The UNet so reads 16 channels (noisy + image latent).
+  vae_f4     the same autoencoder one level shallower: 4x downsampling, 32x32x8 latents
+             (a lever measured in README.md, not the shipped model's; its UNet: UNET_F4)
   vae_decoder  the vae's decoder trained on alone for 6000 more steps (the encoder, hence
              the latents and the scaling factor, kept bitwise): measured on 256 held-out
              inputs, 24.7 dB after vae, 27.5 / 28.9 / 30.0 dB after 1200 / 3000 / 6000
@@ -50,7 +52,8 @@ VAE = {**models.TINY_VAE, "block_out_channels": [16, 32, 64, 128], "layers_per_b
 # background edit keeps are lost"): one level fewer, 4x downsampling, 32x32x8 latents at
 # 128 px, so an object's interior has latent cells of its own.
 VAE_F4 = {**VAE, "block_out_channels": [16, 32, 64],
-          "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
+          "down_block_types": ["DownEncoderBlock2D"] * 3,
+          "up_block_types": ["UpDecoderBlock2D"] * 3}
 UNET = {**models.TINY_UNET, "block_out_channels": [64, 128, 128], "layers_per_block": 1,
         "attention_head_dim": 4, "cross_attention_dim": 64, "norm_num_groups": 16,
         "sample_size": RESOLUTION // 8,
