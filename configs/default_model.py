@@ -80,8 +80,8 @@ LATENTS = f"{RUNS}/latents/train.arrayrecord"
 # Stage 2 started from stage 1 at step 600; the bundled text-to-image model is that run
 # continued to 3200 (constant LR to step 2249, then --config.lr_schedule=cosine
 # --config.total_steps=3200; scripts/install_default_model.py --only t2i).
-STEPS = {"vae": 1500, "vae_f4": 1500, "vae_decoder": 6000, "clip": 600, "t2i": 600, "ip2p": 8000,
-         "scratch": 500}
+STEPS = {"vae": 1500, "vae_f4": 1500, "vae_decoder": 6000, "clip": 600, "t2i": 600,
+         "ip2p": 8000, "scratch": 500}
 
 
 def get_config(stage="ip2p"):

@@ -172,10 +172,10 @@ def write_sheet(path: str, pipe, others=(), per_kind: int = 3, seed: int = 11) -
     rows += examples
     add("input", [e.input_image for e in examples])
     add("exact target", [e.edited_image for e in examples])
-    decoded = decoded_edits(latents, examples, kind)[0]
-    add("target through the VAE (a perfect UNet)", decoded["ceiling"])
-    for name, grid in zip(grid_names, grids):
-      add(name, decoded_edits(grid, examples, kind)[0]["linear"])
+    decoded = [decoded_edits(grid, examples, kind)[0] for grid in grids]
+    add("target through the VAE (a perfect UNet)", decoded[0]["ceiling"])
+    for name, images_of_grid in zip(grid_names, decoded):
+      add(name, images_of_grid["linear"])
     add("the editor's edit", evaluate(pipe, examples, batch_size=per_kind)["outputs"])
   sheet(path, rows, columns)
 
