@@ -29,7 +29,7 @@ def main():
                  metavar=("BATCH", "LENGTH", "HEADS", "HEAD_DIM"))
   p.add_argument("--kv-length", type=int, default=0, help="key length (0: = LENGTH)")
   p.add_argument("--implementation", nargs="+", default=["default"],
-                 choices=["default", "flash", "xla"])
+                 choices=["default", "cpu_flash", "flash", "xla"])
   p.add_argument("--forward-tiles", type=int, nargs=2, metavar=("KEY_FRACTION", "BYTES"))
   p.add_argument("--backward-tiles", type=int, nargs=2, metavar=("KEY_FRACTION", "BYTES"))
   p.add_argument("--repeats", type=int, default=3)

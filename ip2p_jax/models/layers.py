@@ -5,8 +5,8 @@ converting a PyTorch state dict is one short table (``checkpoints.formats``):
 a PyTorch list entry ``resnets.0`` is the Flax module ``resnets_0``.
 
 All attention in the package goes through :func:`dot_product_attention`, the
-one place that picks the kernel (a blocked flash attention on CPU, cuDNN's on
-GPU, XLA's otherwise) and, with ``upcast``, computes the scores in float32.
+one place that picks the kernel (a C++ flash attention on CPU, cuDNN's on GPU,
+XLA's otherwise) and, with ``upcast``, computes the scores in float32.
 Attention projections keep diffusers' names (``to_q``, ``to_k``, ``to_v``,
 ``to_out_0``), so a state dict converts by a short table.
 """
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax import sharding as ax
+from ip2p_jax.kernels import cpu_attention
 
 Dtype = Any
 
@@ -135,12 +136,16 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """Softmax attention, ``[batch, length, heads, head_dim]`` in and out.
 
   The one attention function of the package. ``implementation``:
-    * None: chosen per backend: "flash" on CPU without a mask; "cudnn" on an NVIDIA
-      GPU where cuDNN's flash kernel takes the call (:func:`cudnn_takes`, then cuDNN's
-      own checks of the call and of its differentiation, probed on abstract values: a
-      refusal falls back to XLA); "xla" otherwise (masks on CPU, float32 on GPU, TPU);
-    * "flash": :func:`flash_attention`, blocked, its backward recomputing the scores
-      instead of keeping the probability matrix; no masks;
+    * None: chosen per backend: on CPU without a mask "cpu_flash" where it takes the
+      call (float32, head_dim a multiple of 8, the kernel built), "flash" otherwise;
+      "cudnn" on an NVIDIA GPU where cuDNN's flash kernel takes the call
+      (:func:`cudnn_takes`, then cuDNN's own checks of the call and of its
+      differentiation, probed on abstract values: a refusal falls back to XLA); "xla"
+      otherwise (masks on CPU, float32 on GPU, TPU);
+    * "cpu_flash": :func:`ip2p_jax.kernels.cpu_attention.flash_attention`, FlashAttention
+      in C++ through XLA's FFI (CPU only, float32; no masks);
+    * "flash": :func:`flash_attention`, blocked in XLA, its backward recomputing the
+      scores instead of keeping the probability matrix; no masks;
     * "xla" / "cudnn": ``jax.nn.dot_product_attention`` (XLA's one-shot softmax, or
       cuDNN's fused flash attention, bf16/fp16 only).
   ``upcast``: query and key (and so the scores and the softmax) in float32, the
@@ -155,6 +160,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if chosen:
     if jax.default_backend() == "cpu":
       implementation = "flash" if mask is None and not is_causal else "xla"
+      if (implementation == "flash" and cpu_attention.takes(query, key, value)
+          and cpu_attention.load()):
+        implementation = "cpu_flash"
     else:
       implementation = "cudnn" if not upcast and cudnn_takes(query, key, value, mask) else "xla"
   dtype = query.dtype
@@ -165,10 +173,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
     if implementation != "flash":
       value = value.astype(jnp.float32)  # jax.nn's kernels take one dtype
-  if implementation == "flash":
+  if implementation in ("flash", "cpu_flash"):
     if mask is not None or is_causal:
       raise ValueError("flash attention does not take masks; use implementation='xla'")
-    return flash_attention(query, key, value).astype(dtype)
+    kernel = cpu_attention.flash_attention if implementation == "cpu_flash" else flash_attention
+    return kernel(query, key, value).astype(dtype)
   if implementation == "cudnn" and chosen:
     cudnn = functools.partial(jax.nn.dot_product_attention, mask=mask, is_causal=is_causal,
                               implementation="cudnn")

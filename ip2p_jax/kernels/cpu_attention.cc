@@ -1,0 +1,425 @@
+// FlashAttention (Dao et al. 2022, Algorithms 1 and 2) for the CPU, float32, as XLA FFI
+// handlers: ``ip2p_flash_forward`` and ``ip2p_flash_backward``.
+//
+// Layout: query ``[..., Lq, H, d]``, key and value ``[..., Lk, H, d]`` (the leading axes
+// are one batch axis here), output like the query, log-sum-exp ``[..., H, Lq]``.
+// ``d`` is a multiple of 8. The forward walks each head's queries in blocks of kRows
+// against key blocks of kKeys with the online softmax and keeps only the output and
+// each row's log-sum-exp; the backward recomputes every block's probabilities from
+// them. Work is split over XLA's intra-op thread pool: forward tasks are (head, query
+// chunk), backward tasks are heads (each owns its key and value gradients).
+//
+// Every product is one register-blocked kernel ``C (+)= A B`` with B row-major and A
+// read through two strides, so ``Q K^T`` (K packed transposed), ``P V``, ``P^T dO``
+// (A read transposed), ``dO V^T``, ``dS K`` and ``dS^T Q`` share it. Vectors are GCC
+// vector extensions of 8 floats: AVX2+FMA with -march=native on x86, NEON pairs on Arm.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int W = 8;          // floats per vector
+constexpr long kRows = 64;    // queries per block
+constexpr long kKeys = 256;   // keys per block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+// 2^x for x <= 0 (scores are kept in base 2: the query is scaled by log2(e), which saves
+// the exponential a multiplication and a two-part range reduction): x = n + r with n
+// rounded to nearest by the 1.5 * 2^23 trick, 2^r = e^(r ln 2) by its Taylor polynomial
+// of degree 6 (relative error < 2e-7 for |r| <= 1/2), 2^n written into the exponent
+// bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0.
+inline v8 vexp2(v8 x) {
+  const v8 lo = splat(-126.0f), magic = splat(12582912.0f);
+  x = x < lo ? lo : x;
+  const v8 big = x + magic;
+  const v8 r = x - (big - magic);
+  const i8 n = (i8)big - (i8)magic;
+  v8 y = splat(1.5403530393381606e-4f);
+  y = y * r + splat(1.3333558146428443e-3f);
+  y = y * r + splat(9.6181291076284772e-3f);
+  y = y * r + splat(5.5504108664821580e-2f);
+  y = y * r + splat(2.4022650695910071e-1f);
+  y = y * r + splat(6.9314718055994531e-1f);
+  y = y * r + splat(1.0f);
+  return y * (v8)((n + 127) << 23);
+}
+
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+// Float scratch aligned to cache lines (unaligned vector loads that split lines cost
+// the value products a third of their speed).
+struct Scratch {
+  explicit Scratch(long n, float fill = 0.0f)
+      : data_(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64) + 64))) {
+    std::fill(data_, data_ + n, fill);
+  }
+  ~Scratch() { std::free(data_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return data_; }
+  float& operator[](long i) { return data_[i]; }
+
+ private:
+  float* data_;
+};
+
+inline float hsum(v8 x) {
+  float s = 0;
+  for (int i = 0; i < W; ++i) s += x[i];
+  return s;
+}
+
+inline float hmax(v8 x) {
+  float m = x[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// C[R x 8 NV] (+)= A B over k < K; A(r, k) = A[r ars + k acs], B row-major (ldb).
+template <int R, int NV>
+void micro(long K, const float* A, long ars, long acs, const float* B, long ldb, float* C,
+           long ldc, bool accumulate) {
+  v8 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + v * W) : splat(0);
+  for (long k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    v8 bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      v8 a = splat(A[r * ars + k * acs]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, acc[r][v]);
+}
+
+using Micro = void (*)(long, const float*, long, long, const float*, long, float*, long, bool);
+constexpr int kMaxR = 8, kMaxNV = 5;
+
+template <int R, int... NV>
+constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
+  return {micro<R, NV + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
+  return {row_of<R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
+}
+constexpr auto kMicro = table(std::make_integer_sequence<int, kMaxR>());
+
+// A register tile: R rows by NV vectors, R * NV <= 12 accumulators.
+struct Tile {
+  int rows, vectors;
+  static Tile for_width(long n) {  // n: vectors in C's row
+    int nv = n <= kMaxNV ? static_cast<int>(n) : (n % 5 == 0 ? 5 : n % 3 == 0 ? 3 : 4);
+    return Tile{std::min(kMaxR, 12 / nv), nv};
+  }
+};
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of 8. B's columns come in panels of
+// the tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major
+// matrix whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so
+// K is cut into slices of up to 16 KiB of B, which stay in a core's L1 cache (a 256 x 40
+// slice streamed from L2 held the value product to L2's bandwidth).
+void gemm(Tile t, long M, long N, long K, const float* A, long ars, long acs, const float* B,
+          long ldb, long panel, float* C, long ldc, bool accumulate) {
+  const long width = t.vectors * W;
+  const long slice = std::max<long>(W, (16 << 10) / (4 * width));
+  for (long j = 0; j < N; j += width) {
+    const int nv = static_cast<int>(std::min<long>(t.vectors, (N - j) / W));
+    const float* b = panel ? B + j / width * panel : B + j;
+    for (long k0 = 0; k0 < K; k0 += slice) {
+      const long kn = std::min(slice, K - k0);
+      for (long i = 0; i < M; i += t.rows) {
+        const int r = static_cast<int>(std::min<long>(t.rows, M - i));
+        kMicro[r - 1][nv - 1](kn, A + i * ars + k0 * acs, ars, acs, b + k0 * ldb, ldb,
+                              C + i * ldc + j, ldc, accumulate || k0 > 0);
+      }
+    }
+  }
+}
+
+// body(i) for i < n on the caller and XLA's intra-op pool. Helpers that start after
+// the last task was claimed return at once, so none waits on another.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, long n, const F& body) {
+  long helpers = std::min<long>(pool.num_threads(), n) - 1;
+  if (helpers <= 0) {
+    for (long i = 0; i < n; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<long> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body]() {
+    for (long i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (long t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+struct Shape {
+  long batch, lq, lk, heads, d;
+  long q_row() const { return heads * d; }  // stride between a head's consecutive rows
+  const float* q_at(const float* x, long head, long i) const {
+    return x + ((head / heads * lq + i) * heads + head % heads) * d;
+  }
+  const float* k_at(const float* x, long head, long j) const {
+    return x + ((head / heads * lk + j) * heads + head % heads) * d;
+  }
+};
+
+// The tile of the two products whose columns are keys (Q K^T, dO V^T): 6 x 16.
+constexpr Tile kScoreTile{6, 2};
+constexpr long kPanel = 16;  // its width: keys per packed panel
+
+// Keys transposed into panels of kPanel keys, [lkp / kPanel][d][kPanel] (zero-padded;
+// lkp = lk rounded up to kPanel), so a score tile reads contiguous memory; and, if kc,
+// the keys as rows, [lk][d].
+void pack_keys(const Shape& s, const float* k, long head, float* kt, long lkp, float* kc) {
+  std::fill(kt, kt + s.d * lkp, 0.0f);
+  for (long j = 0; j < s.lk; ++j) {
+    const float* row = s.k_at(k, head, j);
+    float* panel = kt + j / kPanel * s.d * kPanel + j % kPanel;
+    for (long c = 0; c < s.d; ++c) panel[c * kPanel] = row[c];
+    if (kc) std::memcpy(kc + j * s.d, row, s.d * sizeof(float));
+  }
+}
+
+const float* panels_at(const float* kt, long d, long kb) { return kt + kb / kPanel * d * kPanel; }
+
+ffi::Error check(const Shape& s) {
+  if (s.d % W != 0)
+    return ffi::Error::InvalidArgument("head_dim must be a multiple of 8, got " +
+                                       std::to_string(s.d));
+  return ffi::Error::Success();
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  long r = qd.size();
+  long batch = 1;
+  for (long i = 0; i + 3 < r; ++i) batch *= qd[i];
+  return Shape{batch, qd[r - 3], kd[r - 3], qd[r - 2], qd[r - 1]};
+}
+
+// One block of rows: S = Qs Kt[:, kb : kb + nk], padded columns at -inf.
+void scores(const Shape& s, const float* qs, long mb, const float* kt, long kb, long nk,
+            float* S) {
+  long nkp = round_up(nk, W);
+  gemm(kScoreTile, mb, nkp, s.d, qs, s.d, 1, panels_at(kt, s.d, kb), kPanel, s.d * kPanel, S,
+       kKeys, false);
+  for (long i = 0; i < mb; ++i)
+    for (long j = nk; j < nkp; ++j) S[i * kKeys + j] = kNegInf;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  const Shape s = shape_of(q, k);
+  if (auto e = check(s); e.failure()) return e;
+  const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
+  const Tile tile = Tile::for_width(d / W);
+  const float scale2 = scale * kLog2e;  // scores in base 2
+  const long blocks = (s.lq + kRows - 1) / kRows;
+  // Enough tasks to keep every thread busy; a task packs its head's keys once.
+  const long want = 4 * std::max<long>(pool.num_threads(), 1);
+  const long chunks = std::min(blocks, std::max<long>(1, (want + heads - 1) / heads));
+  const long per_chunk = (blocks + chunks - 1) / chunks * kRows;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+
+  parallel_for(pool, heads * chunks, [&](long task) {
+    const long head = task / chunks, row0 = task % chunks * per_chunk;
+    const long row1 = std::min(s.lq, row0 + per_chunk);
+    if (row0 >= row1) return;
+    Scratch kt(d * lkp), vc(s.lk * d), qs(kRows * d), o(kRows * d), S(kRows * kKeys);
+    pack_keys(s, kp, head, kt.data(), lkp, nullptr);
+    for (long j = 0; j < s.lk; ++j) std::memcpy(&vc[j * d], s.k_at(vp, head, j), d * 4);
+    for (long i0 = row0; i0 < row1; i0 += kRows) {
+      const long mb = std::min(kRows, row1 - i0);
+      for (long i = 0; i < mb; ++i) {
+        const float* row = s.q_at(qp, head, i0 + i);
+        for (long c = 0; c < d; ++c) qs[i * d + c] = row[c] * scale2;
+      }
+      std::fill(o.data(), o.data() + kRows * d, 0.0f);
+      float m[kRows], l[kRows];
+      std::fill(m, m + kRows, kNegInf);
+      std::fill(l, l + kRows, 0.0f);
+      for (long kb = 0; kb < s.lk; kb += kKeys) {
+        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, W);
+        scores(s, qs.data(), mb, kt.data(), kb, nk, S.data());
+        for (long i = 0; i < mb; ++i) {
+          float* row = &S[i * kKeys];
+          v8 mx = splat(kNegInf);
+          for (long j = 0; j < nkp; j += W) {
+            v8 x = load(row + j);
+            mx = x > mx ? x : mx;
+          }
+          const float m_new = std::max(m[i], hmax(mx));
+          const float alpha = m[i] == kNegInf ? 0.0f : std::exp2(m[i] - m_new);
+          v8 sum = splat(0), shift = splat(m_new);
+          for (long j = 0; j < nkp; j += W) {
+            v8 p = vexp2(load(row + j) - shift);
+            store(row + j, p);
+            sum += p;
+          }
+          l[i] = l[i] * alpha + hsum(sum);
+          m[i] = m_new;
+          for (long c = 0; c < d; c += W) store(&o[i * d + c], load(&o[i * d + c]) * alpha);
+        }
+        gemm(tile, mb, d, nk, S.data(), kKeys, 1, vc.data() + kb * d, d, 0, o.data(), d, true);
+      }
+      for (long i = 0; i < mb; ++i) {
+        float* row = const_cast<float*>(s.q_at(op, head, i0 + i));
+        const float inv = 1.0f / l[i];
+        for (long c = 0; c < d; ++c) row[c] = o[i * d + c] * inv;
+        lp[head * s.lq + i0 + i] = (m[i] + std::log2(l[i])) * kLn2;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  const Shape s = shape_of(q, k);
+  if (auto e = check(s); e.failure()) return e;
+  const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
+  const Tile tile = Tile::for_width(d / W);
+  const float scale2 = scale * kLog2e;  // scores in base 2
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
+              *op = out.typed_data(), *lp = lse.typed_data(), *gp = d_out.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+
+  parallel_for(pool, heads, [&](long head) {
+    Scratch kt(d * lkp), vt(d * lkp), kc(s.lk * d), dkc(s.lk * d), dvc(s.lk * d),
+        qs(kRows * d), qs2(kRows * d), go(kRows * d), gq(kRows * d), P(kRows * kKeys),
+        dS(kRows * kKeys);
+    float L[kRows], D[kRows];
+    pack_keys(s, kp, head, kt.data(), lkp, kc.data());
+    pack_keys(s, vp, head, vt.data(), lkp, nullptr);
+    for (long i0 = 0; i0 < s.lq; i0 += kRows) {
+      const long mb = std::min(kRows, s.lq - i0);
+      for (long i = 0; i < mb; ++i) {
+        const float *qrow = s.q_at(qp, head, i0 + i), *grow = s.q_at(gp, head, i0 + i),
+                    *orow = s.q_at(op, head, i0 + i);
+        float delta = 0;
+        for (long c = 0; c < d; ++c) {
+          qs[i * d + c] = qrow[c] * scale;
+          qs2[i * d + c] = qrow[c] * scale2;
+          go[i * d + c] = grow[c];
+          delta += grow[c] * orow[c];
+        }
+        D[i] = delta;
+        L[i] = lp[head * s.lq + i0 + i] * kLog2e;
+      }
+      std::fill(gq.data(), gq.data() + kRows * d, 0.0f);
+      for (long kb = 0; kb < s.lk; kb += kKeys) {
+        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, W);
+        scores(s, qs2.data(), mb, kt.data(), kb, nk, P.data());
+        for (long i = 0; i < mb; ++i) {
+          v8 shift = splat(L[i]);
+          for (long j = 0; j < nkp; j += W)
+            store(&P[i * kKeys + j], vexp2(load(&P[i * kKeys + j]) - shift));
+        }
+        // dV += P^T dO
+        gemm(tile, nk, d, mb, P.data(), 1, kKeys, go.data(), d, 0, dvc.data() + kb * d, d, true);
+        // dP = dO V^T, then dS = P (dP - D)
+        gemm(kScoreTile, mb, nkp, d, go.data(), d, 1, panels_at(vt.data(), d, kb), kPanel,
+             d * kPanel, dS.data(), kKeys, false);
+        for (long i = 0; i < mb; ++i) {
+          v8 delta = splat(D[i]);
+          for (long j = 0; j < nkp; j += W)
+            store(&dS[i * kKeys + j],
+                  load(&P[i * kKeys + j]) * (load(&dS[i * kKeys + j]) - delta));
+        }
+        // dQ += dS K (scaled below), dK += dS^T Qs
+        gemm(tile, mb, d, nk, dS.data(), kKeys, 1, kc.data() + kb * d, d, 0, gq.data(), d, true);
+        gemm(tile, nk, d, mb, dS.data(), 1, kKeys, qs.data(), d, 0, dkc.data() + kb * d, d, true);
+      }
+      for (long i = 0; i < mb; ++i) {
+        float* row = const_cast<float*>(s.q_at(dqp, head, i0 + i));
+        for (long c = 0; c < d; ++c) row[c] = gq[i * d + c] * scale;
+      }
+    }
+    for (long j = 0; j < s.lk; ++j) {
+      std::memcpy(const_cast<float*>(s.k_at(dkp, head, j)), &dkc[j * d], d * 4);
+      std::memcpy(const_cast<float*>(s.k_at(dvp, head, j)), &dvc[j * d], d * 4);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pFlashForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pFlashBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
