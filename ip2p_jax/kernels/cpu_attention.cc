@@ -9,44 +9,27 @@
 // them. Work is split over XLA's intra-op thread pool: forward tasks are (head, query
 // chunk), backward tasks are heads (each owns its key and value gradients).
 //
-// Every product is one register-blocked kernel ``C (+)= A B`` with B row-major and A
-// read through two strides, so ``Q K^T`` (K packed transposed), ``P V``, ``P^T dO``
-// (A read transposed), ``dO V^T``, ``dS K`` and ``dS^T Q`` share it. Vectors are GCC
-// vector extensions of 8 floats: AVX2+FMA with -march=native on x86, NEON pairs on Arm.
+// Every product is cpu_common.h's ``gemm``, ``C (+)= A B`` with B row-major and A read
+// through two strides, so ``Q K^T`` (K packed transposed), ``P V``, ``P^T dO`` (A read
+// transposed), ``dO V^T``, ``dS K`` and ``dS^T Q`` share one register-blocked kernel.
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <string>
-#include <utility>
-#include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int W = 8;          // floats per vector
+using namespace ip2p;
+
 constexpr long kRows = 64;    // queries per block
 constexpr long kKeys = 256;   // keys per block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
-inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
-inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
-inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
 // 2^x for x <= 0 (scores are kept in base 2: the query is scaled by log2(e), which saves
 // the exponential a multiplication and a two-part range reduction): x = n + r with n
@@ -70,137 +53,6 @@ inline v8 vexp2(v8 x) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
-
-// Float scratch aligned to cache lines (unaligned vector loads that split lines cost
-// the value products a third of their speed).
-struct Scratch {
-  explicit Scratch(long n, float fill = 0.0f)
-      : data_(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64) + 64))) {
-    std::fill(data_, data_ + n, fill);
-  }
-  ~Scratch() { std::free(data_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* data() { return data_; }
-  float& operator[](long i) { return data_[i]; }
-
- private:
-  float* data_;
-};
-
-inline float hsum(v8 x) {
-  float s = 0;
-  for (int i = 0; i < W; ++i) s += x[i];
-  return s;
-}
-
-inline float hmax(v8 x) {
-  float m = x[0];
-  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
-  return m;
-}
-
-// C[R x 8 NV] (+)= A B over k < K; A(r, k) = A[r ars + k acs], B row-major (ldb).
-template <int R, int NV>
-void micro(long K, const float* A, long ars, long acs, const float* B, long ldb, float* C,
-           long ldc, bool accumulate) {
-  v8 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + v * W) : splat(0);
-  for (long k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    v8 bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      v8 a = splat(A[r * ars + k * acs]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, acc[r][v]);
-}
-
-using Micro = void (*)(long, const float*, long, long, const float*, long, float*, long, bool);
-constexpr int kMaxR = 8, kMaxNV = 5;
-
-template <int R, int... NV>
-constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
-  return {micro<R, NV + 1>...};
-}
-template <int... R>
-constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
-  return {row_of<R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
-}
-constexpr auto kMicro = table(std::make_integer_sequence<int, kMaxR>());
-
-// A register tile: R rows by NV vectors, R * NV <= 12 accumulators.
-struct Tile {
-  int rows, vectors;
-  static Tile for_width(long n) {  // n: vectors in C's row
-    int nv = n <= kMaxNV ? static_cast<int>(n) : (n % 5 == 0 ? 5 : n % 3 == 0 ? 3 : 4);
-    return Tile{std::min(kMaxR, 12 / nv), nv};
-  }
-};
-
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of 8. B's columns come in panels of
-// the tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major
-// matrix whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so
-// K is cut into slices of up to 16 KiB of B, which stay in a core's L1 cache (a 256 x 40
-// slice streamed from L2 held the value product to L2's bandwidth).
-void gemm(Tile t, long M, long N, long K, const float* A, long ars, long acs, const float* B,
-          long ldb, long panel, float* C, long ldc, bool accumulate) {
-  const long width = t.vectors * W;
-  const long slice = std::max<long>(W, (16 << 10) / (4 * width));
-  for (long j = 0; j < N; j += width) {
-    const int nv = static_cast<int>(std::min<long>(t.vectors, (N - j) / W));
-    const float* b = panel ? B + j / width * panel : B + j;
-    for (long k0 = 0; k0 < K; k0 += slice) {
-      const long kn = std::min(slice, K - k0);
-      for (long i = 0; i < M; i += t.rows) {
-        const int r = static_cast<int>(std::min<long>(t.rows, M - i));
-        kMicro[r - 1][nv - 1](kn, A + i * ars + k0 * acs, ars, acs, b + k0 * ldb, ldb,
-                              C + i * ldc + j, ldc, accumulate || k0 > 0);
-      }
-    }
-  }
-}
-
-// body(i) for i < n on the caller and XLA's intra-op pool. Helpers that start after
-// the last task was claimed return at once, so none waits on another.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, long n, const F& body) {
-  long helpers = std::min<long>(pool.num_threads(), n) - 1;
-  if (helpers <= 0) {
-    for (long i = 0; i < n; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<long> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, &body]() {
-    for (long i; (i = state->next.fetch_add(1)) < n;) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (long t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
-}
 
 struct Shape {
   long batch, lq, lk, heads, d;

@@ -1,0 +1,128 @@
+"""Builds this folder's C++ kernels into one library for this machine and registers
+them with XLA:CPU as FFI targets.
+
+The sources (``*.cc``, ``*.h`` here) are compiled on first use with ``-march=native`` and
+cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS`` elsewhere; ``IP2P_KERNELS=off``
+never builds or uses them), under a name that hashes the sources, jaxlib's version, the
+compiler flags and the CPU's features, so an upgrade or another machine builds its own.
+Where no C++ compiler is found or the build fails, :func:`load` logs why once and
+returns False, and the layers keep XLA's own kernels.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+
+from ip2p_jax.compilation import OFF
+
+log = logging.getLogger(__name__)
+
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
+# FFI target name -> the library's handler symbol.
+TARGETS = {
+    "ip2p_flash_forward": "Ip2pFlashForward",
+    "ip2p_flash_backward": "Ip2pFlashBackward",
+    "ip2p_conv3x3": "Ip2pConv3x3",
+    "ip2p_conv3x3_filter": "Ip2pConv3x3Filter",
+}
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet in this process
+
+
+def sources() -> list[str]:
+  return sorted(glob.glob(os.path.join(FOLDER, "*.cc")))
+
+
+def cache_dir() -> str | None:
+  """Where built kernels go, or None if ``$IP2P_KERNELS`` turns them off."""
+  env = os.environ.get("IP2P_KERNELS")
+  if env is not None and env.strip().lower() in OFF:
+    return None
+  return env or os.path.join(os.path.expanduser("~"), ".cache", "ip2p_jax", "kernels")
+
+
+def _cpu_features() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def library_path(folder: str) -> str:
+  """The library's path in ``folder``: one per sources, jaxlib, flags and CPU."""
+  import jaxlib
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(FOLDER, "*.cc")) +
+                     glob.glob(os.path.join(FOLDER, "*.h"))):
+    with open(path, "rb") as f:
+      digest.update(os.path.basename(path).encode() + f.read())
+  for part in (jaxlib.__version__, " ".join(FLAGS), platform.machine(), _cpu_features()):
+    digest.update(part.encode())
+  return os.path.join(folder, f"ip2p_kernels-{digest.hexdigest()[:16]}.so")
+
+
+def build(folder: str) -> str:
+  """Compiles the kernels into ``folder`` (atomically: a finished file or none) and
+  returns the library's path; an existing build is reused. Raises RuntimeError with
+  the compiler's message when they cannot be built."""
+  path = library_path(folder)
+  if os.path.exists(path):
+    return path
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (g++ or c++ on PATH, or $CXX)")
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+  os.close(fd)
+  try:
+    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), *sources(), "-o", tmp]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+      raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def load() -> bool:
+  """Builds (or finds) the library and registers its FFI targets with XLA:CPU, once per
+  process. False, after one logged warning, if turned off or it cannot be built."""
+  global _loaded
+  with _lock:
+    if _loaded is None:
+      _loaded = _register()
+    return _loaded
+
+
+def _register() -> bool:
+  folder = cache_dir()
+  if folder is None:
+    return False
+  try:
+    import ctypes
+    library = ctypes.cdll.LoadLibrary(build(folder))
+  except (RuntimeError, OSError) as e:
+    log.warning("the CPU kernels are not available, XLA's own kernels run instead "
+                "(slower): %s", e)
+    return False
+  for name, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform="cpu")
+  return True

@@ -1,0 +1,191 @@
+// Shared by the CPU kernels: 8-float vectors (GCC vector extensions: AVX2+FMA with
+// -march=native on x86, NEON pairs on Arm), aligned scratch, one register-blocked
+// matrix product and a parallel loop over XLA's intra-op thread pool.
+#ifndef IP2P_JAX_KERNELS_CPU_COMMON_H_
+#define IP2P_JAX_KERNELS_CPU_COMMON_H_
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ip2p {
+
+namespace ffi = xla::ffi;
+
+constexpr int W = 8;  // floats per vector
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+// Float scratch aligned to cache lines (unaligned vector loads that split lines cost
+// the value products a third of their speed).
+struct Scratch {
+  explicit Scratch(long n, float fill = 0.0f)
+      : data_(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64) + 64))) {
+    std::fill(data_, data_ + n, fill);
+  }
+  ~Scratch() { std::free(data_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return data_; }
+  float& operator[](long i) { return data_[i]; }
+
+ private:
+  float* data_;
+};
+
+inline float hsum(v8 x) {
+  float s = 0;
+  for (int i = 0; i < W; ++i) s += x[i];
+  return s;
+}
+
+inline float hmax(v8 x) {
+  float m = x[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// Shifted copies of A summed in one product, as a convolution's taps are: the product
+// is the sum over t < count of (A + a_offset[t]) (B + t * b_stride). One tap: a plain
+// product.
+struct Taps {
+  int count = 1;
+  const long* a_offset = nullptr;  // nullptr: 0
+  long b_stride = 0;
+};
+
+// C[R x 8 NV] (+)= sum over taps of A_t B_t over k < K; A(r, k) = A[r ars + k acs],
+// B row-major (ldb).
+template <int R, int NV>
+void micro(long K, const float* A, long ars, long acs, const float* B, long ldb, float* C,
+           long ldc, bool accumulate, const Taps& taps) {
+  v8 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + v * W) : splat(0);
+  for (int t = 0; t < taps.count; ++t) {
+    const float* a = A + (taps.a_offset ? taps.a_offset[t] : 0);
+    const float* bt = B + t * taps.b_stride;
+    for (long k = 0; k < K; ++k) {
+      const float* b = bt + k * ldb;
+      v8 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        v8 x = splat(a[r * ars + k * acs]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, acc[r][v]);
+}
+
+using Micro = void (*)(long, const float*, long, long, const float*, long, float*, long, bool,
+                       const Taps&);
+constexpr int kMaxR = 8, kMaxNV = 5;
+
+template <int R, int... NV>
+constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
+  return {micro<R, NV + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
+  return {row_of<R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
+}
+constexpr auto kMicro = table(std::make_integer_sequence<int, kMaxR>());
+
+// A register tile: R rows by NV vectors, R * NV <= 12 accumulators.
+struct Tile {
+  int rows, vectors;
+  static Tile for_width(long n) {  // n: vectors in C's row
+    int nv = n <= kMaxNV ? static_cast<int>(n) : (n % 5 == 0 ? 5 : n % 3 == 0 ? 3 : 4);
+    return Tile{std::min(kMaxR, 12 / nv), nv};
+  }
+};
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of 8. B's columns come in panels of
+// the tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major
+// matrix whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so
+// K, and a convolution's taps, are cut into slices of up to 16 KiB of B, which stay in a
+// core's L1 cache (a 256 x 40 slice streamed from L2 held the attention's value product
+// to L2's bandwidth; 9 taps of 128 channels held a convolution to 60% of its speed).
+inline void gemm(Tile t, long M, long N, long K, const float* A, long ars, long acs,
+                 const float* B, long ldb, long panel, float* C, long ldc, bool accumulate,
+                 const Taps& taps = Taps{}) {
+  constexpr long kBudget = 16 << 10;
+  const long width = t.vectors * W;
+  const long slice = std::max<long>(W, kBudget / (4 * width));
+  const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1, taps.count);
+  for (long j = 0; j < N; j += width) {
+    const int nv = static_cast<int>(std::min<long>(t.vectors, (N - j) / W));
+    const float* b = panel ? B + j / width * panel : B + j;
+    for (long g0 = 0; g0 < taps.count; g0 += group) {
+      const Taps part{static_cast<int>(std::min<long>(group, taps.count - g0)),
+                      taps.a_offset ? taps.a_offset + g0 : nullptr, taps.b_stride};
+      const float* bg = b + g0 * taps.b_stride;
+      for (long k0 = 0; k0 < K; k0 += slice) {
+        const long kn = std::min(slice, K - k0);
+        for (long i = 0; i < M; i += t.rows) {
+          const int r = static_cast<int>(std::min<long>(t.rows, M - i));
+          kMicro[r - 1][nv - 1](kn, A + i * ars + k0 * acs, ars, acs, bg + k0 * ldb, ldb,
+                                C + i * ldc + j, ldc, accumulate || g0 > 0 || k0 > 0, part);
+        }
+      }
+    }
+  }
+}
+
+// body(i) for i < n on the caller and XLA's intra-op pool. Helpers that start after
+// the last task was claimed return at once, so none waits on another.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, long n, const F& body) {
+  long helpers = std::min<long>(pool.num_threads(), n) - 1;
+  if (helpers <= 0) {
+    for (long i = 0; i < n; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<long> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body]() {
+    for (long i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (long t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+}  // namespace ip2p
+
+#endif  // IP2P_JAX_KERNELS_CPU_COMMON_H_

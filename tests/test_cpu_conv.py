@@ -1,0 +1,135 @@
+"""kernels.cpu_conv: the C++ 3x3 convolution equals XLA's (float32) forward and in both
+gradients over image sizes, channel counts and batches; it batches under vmap (images,
+and kernels); layers.Conv runs it only where it applies and otherwise matches flax's
+nn.Conv, parameters included."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ip2p_jax.kernels import build, cpu_conv
+from ip2p_jax.models import layers
+
+# Sums of up to 9 x 64 products of order 1: float32 rounding, relative to the output.
+TOL = 1e-5
+
+
+def reference(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision="highest")
+
+
+def close(got, want):
+  scale = float(jnp.max(jnp.abs(want))) or 1.0
+  np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=TOL, rtol=0)
+
+
+def operands(n, h, w, cin, cout, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((n, h, w, cout)), jnp.float32)
+  return x, kernel, g
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+  assert build.load(), "the kernels must build on the test machine (g++ is there)"
+
+
+# (batch, height, width, in, out): square and not, one pixel, one row, one column, odd
+# sizes; channels 8-192, in != out both ways (1-8 vectors out: a tile of 1-5 and
+# remainders), more row chunks than images and more images than chunks.
+CASES = [
+    (2, 8, 8, 8, 16),
+    (1, 5, 9, 24, 8),
+    (3, 1, 1, 16, 16),
+    (1, 1, 7, 8, 40),
+    (2, 6, 1, 40, 8),
+    (1, 17, 13, 64, 64),
+    (5, 4, 4, 32, 64),
+    (1, 32, 32, 56, 24),
+    (2, 9, 11, 192, 64),
+]
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout", CASES)
+def test_forward_and_gradients_equal_xla(n, h, w, cin, cout):
+  x, kernel, g = operands(n, h, w, cin, cout)
+  out, vjp = jax.vjp(jax.jit(cpu_conv.conv3x3), x, kernel)
+  want, want_vjp = jax.vjp(reference, x, kernel)
+  close(out, want)
+  for got, expected in zip(vjp(g), want_vjp(g)):
+    close(got, expected)
+
+
+def test_vmap_over_images_and_over_kernels():
+  """Batch editing maps the UNet over images (one kernel): the mapped axis joins the
+  batch; mapping over kernels too (an ensemble) gives each image group its kernel.
+  Values and gradients equal a loop over the mapped axis."""
+  x, kernel, g = operands(2, 6, 5, 16, 8, seed=1)
+  xs, gs = jnp.stack([x, -x, 2 * x]), jnp.stack([g, g, -g])
+  kernels = jnp.stack([kernel, 2 * kernel, -kernel])
+  for in_axes, ks in (((0, None), kernel), ((0, 0), kernels)):
+    pick = (lambda i: ks) if in_axes[1] is None else (lambda i: ks[i])
+    out, vjp = jax.vjp(jax.vmap(cpu_conv.conv3x3, in_axes=in_axes), xs, ks)
+    dx, dk = vjp(gs)
+    for i in range(3):
+      want, want_vjp = jax.vjp(reference, xs[i], pick(i))
+      close(out[i], want)
+      close(dx[i], want_vjp(gs[i])[0])
+    want_dk = [jax.vjp(reference, xs[i], pick(i))[1](gs[i])[1] for i in range(3)]
+    close(dk, sum(want_dk) if in_axes[1] is None else jnp.stack(want_dk))
+
+
+def _uses_kernel(module, x):
+  params = module.init(jax.random.PRNGKey(0), x)
+  text = jax.jit(module.apply).lower(params, x).as_text()
+  return cpu_conv.CONV in text, params
+
+
+@pytest.mark.parametrize("features,kernel_size,stride,cin,dtype,expected", [
+    (32, 3, 1, 16, jnp.float32, True),
+    (64, 3, 1, 64, jnp.float32, True),
+    (64, 3, 1, 192, jnp.float32, True),    # many channels in, 64 out
+    (128, 3, 1, 64, jnp.float32, False),   # above MAX_OUT_CHANNELS: XLA is faster
+    (32, 3, 2, 32, jnp.float32, False),    # stride 2 (downsampling)
+    (32, 1, 1, 32, jnp.float32, False),    # 1x1
+    (32, 3, 1, 4, jnp.float32, False),     # 4 channels in (conv_in of a VAE decoder)
+    (4, 3, 1, 32, jnp.float32, False),     # 4 out (conv_out)
+    (32, 3, 1, 32, jnp.bfloat16, False),
+])
+def test_conv_layer_uses_the_kernel_where_it_applies_and_matches_flax(
+    features, kernel_size, stride, cin, dtype, expected):
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, cin)), dtype)
+  ours = layers.conv(features, kernel_size, stride=stride, dtype=dtype)
+  uses, params = _uses_kernel(ours, x)
+  assert uses == expected
+  pad = kernel_size // 2
+  flax_conv = nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2,
+                      padding=((pad, pad), (pad, pad)), dtype=dtype)
+  flax_params = flax_conv.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, flax_params) == jax.tree.map(jnp.shape, nn.unbox(params))
+  params = jax.tree.map(lambda p: p + 0.1, nn.unbox(params))  # a nonzero bias
+  got = ours.apply(params, x).astype(jnp.float32)
+  want = flax_conv.apply(params, x).astype(jnp.float32)
+  if dtype == jnp.float32:
+    close(got, want)
+  else:
+    np.testing.assert_array_equal(got, want)
+
+
+def test_takes():
+  x = jnp.zeros((1, 4, 4, 16), jnp.float32)
+  k = jnp.zeros((3, 3, 16, 64), jnp.float32)
+  same = ((1, 1), (1, 1))
+  assert cpu_conv.takes(x, k, (1, 1), same)
+  assert not cpu_conv.takes(x, k, (1, 1), "SAME")
+  assert not cpu_conv.takes(x, k, (1, 1), ((0, 0), (0, 0)))
+  assert not cpu_conv.takes(x, jnp.zeros((3, 3, 16, 72)), (1, 1), same)
+  assert cpu_conv.takes(jnp.zeros((1, 4, 4, 256)), jnp.zeros((3, 3, 256, 64)), (1, 1), same)
+  assert not cpu_conv.takes(x.astype(jnp.bfloat16), k, (1, 1), same)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    cpu_conv.conv3x3(jnp.zeros((1, 4, 4, 12)), jnp.zeros((3, 3, 12, 8)))
