@@ -78,8 +78,9 @@ def library_path(folder: str) -> str:
 
 def build(folder: str) -> str:
   """Compiles the kernels into ``folder`` (atomically: a finished file or none) and
-  returns the library's path; an existing build is reused. Raises RuntimeError with
-  the compiler's message when they cannot be built."""
+  returns the library's path; an existing build is reused. The sources compile side by
+  side, then link. Raises RuntimeError with the compiler's message when they cannot be
+  built."""
   path = library_path(folder)
   if os.path.exists(path):
     return path
@@ -87,18 +88,29 @@ def build(folder: str) -> str:
   if compiler is None:
     raise RuntimeError("no C++ compiler (g++ or c++ on PATH, or $CXX)")
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-  os.close(fd)
-  try:
-    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), *sources(), "-o", tmp]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-      raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+  with tempfile.TemporaryDirectory(dir=folder) as work:
+    objects = [os.path.join(work, os.path.basename(src) + ".o") for src in sources()]
+    jobs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True))
+            for cmd in ([compiler, *FLAGS, "-c", "-isystem", jax.ffi.include_dir(), src,
+                         "-o", obj] for src, obj in zip(sources(), objects))]
+    _finish(jobs)
+    tmp = os.path.join(work, "library.so")
+    link = [compiler, *FLAGS, *objects, "-o", tmp]
+    _finish([(link, subprocess.Popen(link, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True))])
     os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path
+
+
+def _finish(jobs) -> None:
+  failed = None
+  for command, job in jobs:
+    _, stderr = job.communicate()
+    if job.returncode != 0 and failed is None:
+      failed = f"{' '.join(command)} failed:\n{stderr[-2000:]}"
+  if failed:
+    raise RuntimeError(failed)
 
 
 def load() -> bool:
