@@ -1,7 +1,7 @@
 """kernels.cpu_conv: the C++ 3x3 convolution equals XLA's (float32) forward and in both
 gradients over image sizes, channel counts and batches; it batches under vmap (images,
-and kernels); layers.Conv runs it only where it applies and otherwise matches flax's
-nn.Conv, parameters included."""
+and kernels); layers.Conv runs it (or only its gradients) where the plan says and
+matches flax's nn.Conv, parameters included."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,10 +55,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("xla_forward", [False, True])
 @pytest.mark.parametrize("n,h,w,cin,cout", CASES)
-def test_forward_and_gradients_equal_xla(n, h, w, cin, cout):
+def test_forward_and_gradients_equal_xla(n, h, w, cin, cout, xla_forward):
   x, kernel, g = operands(n, h, w, cin, cout)
-  out, vjp = jax.vjp(jax.jit(cpu_conv.conv3x3), x, kernel)
+  conv = jax.jit(lambda x, k: cpu_conv.conv3x3(x, k, xla_forward=xla_forward))
+  out, vjp = jax.vjp(conv, x, kernel)
   want, want_vjp = jax.vjp(reference, x, kernel)
   close(out, want)
   for got, expected in zip(vjp(g), want_vjp(g)):
@@ -84,29 +86,32 @@ def test_vmap_over_images_and_over_kernels():
     close(dk, sum(want_dk) if in_axes[1] is None else jnp.stack(want_dk))
 
 
-def _uses_kernel(module, x):
+def _kernels_used(module, x):
+  """(the forward calls the convolution kernel, the gradient calls the filter kernel)"""
   params = module.init(jax.random.PRNGKey(0), x)
-  text = jax.jit(module.apply).lower(params, x).as_text()
-  return cpu_conv.CONV in text, params
+  forward = jax.jit(module.apply).lower(params, x).as_text()
+  loss = lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32))
+  backward = jax.jit(jax.grad(loss)).lower(params, x).as_text()
+  return (cpu_conv.CONV in forward, cpu_conv.FILTER in backward), params
 
 
 @pytest.mark.parametrize("features,kernel_size,stride,cin,dtype,expected", [
-    (32, 3, 1, 16, jnp.float32, True),
-    (64, 3, 1, 64, jnp.float32, True),
-    (64, 3, 1, 192, jnp.float32, True),    # many channels in, 64 out
-    (128, 3, 1, 64, jnp.float32, False),   # above MAX_OUT_CHANNELS: XLA is faster
-    (32, 3, 2, 32, jnp.float32, False),    # stride 2 (downsampling)
-    (32, 1, 1, 32, jnp.float32, False),    # 1x1
-    (32, 3, 1, 4, jnp.float32, False),     # 4 channels in (conv_in of a VAE decoder)
-    (4, 3, 1, 32, jnp.float32, False),     # 4 out (conv_out)
-    (32, 3, 1, 32, jnp.bfloat16, False),
+    (32, 3, 1, 16, jnp.float32, (True, True)),
+    (64, 3, 1, 64, jnp.float32, (True, True)),
+    (64, 3, 1, 192, jnp.float32, (True, True)),    # many channels in, 64 out
+    (128, 3, 1, 64, jnp.float32, (False, True)),   # wider: XLA's forward, our gradients
+    (32, 3, 2, 32, jnp.float32, (False, False)),   # stride 2 (downsampling)
+    (32, 1, 1, 32, jnp.float32, (False, False)),   # 1x1
+    (32, 3, 1, 4, jnp.float32, (False, False)),    # 4 channels in (a VAE decoder's conv_in)
+    (4, 3, 1, 32, jnp.float32, (False, False)),    # 4 out (conv_out)
+    (32, 3, 1, 32, jnp.bfloat16, (False, False)),
 ])
-def test_conv_layer_uses_the_kernel_where_it_applies_and_matches_flax(
+def test_conv_layer_uses_the_kernels_where_they_apply_and_matches_flax(
     features, kernel_size, stride, cin, dtype, expected):
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, cin)), dtype)
   ours = layers.conv(features, kernel_size, stride=stride, dtype=dtype)
-  uses, params = _uses_kernel(ours, x)
-  assert uses == expected
+  used, params = _kernels_used(ours, x)
+  assert used == expected
   pad = kernel_size // 2
   flax_conv = nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2,
                       padding=((pad, pad), (pad, pad)), dtype=dtype)
@@ -121,15 +126,18 @@ def test_conv_layer_uses_the_kernel_where_it_applies_and_matches_flax(
     np.testing.assert_array_equal(got, want)
 
 
-def test_takes():
+def test_plan():
   x = jnp.zeros((1, 4, 4, 16), jnp.float32)
   k = jnp.zeros((3, 3, 16, 64), jnp.float32)
   same = ((1, 1), (1, 1))
-  assert cpu_conv.takes(x, k, (1, 1), same)
-  assert not cpu_conv.takes(x, k, (1, 1), "SAME")
-  assert not cpu_conv.takes(x, k, (1, 1), ((0, 0), (0, 0)))
-  assert not cpu_conv.takes(x, jnp.zeros((3, 3, 16, 72)), (1, 1), same)
-  assert cpu_conv.takes(jnp.zeros((1, 4, 4, 256)), jnp.zeros((3, 3, 256, 64)), (1, 1), same)
-  assert not cpu_conv.takes(x.astype(jnp.bfloat16), k, (1, 1), same)
+  assert cpu_conv.plan(x, k, (1, 1), same) == "kernel"
+  assert cpu_conv.plan(jnp.zeros((1, 4, 4, 256)), jnp.zeros((3, 3, 256, 64)), (1, 1),
+                       same) == "kernel"
+  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 128)), (1, 1), same) == "gradients"
+  assert cpu_conv.plan(x, k, (1, 1), "SAME") is None
+  assert cpu_conv.plan(x, k, (1, 1), ((0, 0), (0, 0))) is None
+  assert cpu_conv.plan(x, k, (2, 2), same) is None
+  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 36)), (1, 1), same) is None
+  assert cpu_conv.plan(x.astype(jnp.bfloat16), k, (1, 1), same) is None
   with pytest.raises(ValueError, match="multiples of 8"):
     cpu_conv.conv3x3(jnp.zeros((1, 4, 4, 12)), jnp.zeros((3, 3, 12, 8)))

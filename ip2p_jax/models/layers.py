@@ -58,9 +58,10 @@ class Conv(nn.Module):
   """A 2-D convolution, NHWC, with flax ``nn.Conv``'s parameters (``kernel`` HWIO,
   ``bias``) and numerics, whose logical axes are declared here.
 
-  On CPU the float32 3x3 stride-1 layers that write up to 64 channels run the C++ kernel
-  of :mod:`ip2p_jax.kernels.cpu_conv` (1.4-2x XLA:CPU's speed there, forward and
-  backward); everything else runs ``lax.conv_general_dilated``."""
+  On CPU the float32 3x3 stride-1 layers run the C++ kernels of
+  :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways
+  where they write up to 64 channels, 1.7-2x XLA:CPU's speed there; the gradients only
+  where they write more); everything else runs ``lax.conv_general_dilated``."""
   features: int
   kernel_size: int
   stride: int = 1
@@ -78,9 +79,10 @@ class Conv(nn.Module):
         (k, k, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = (self.stride, self.stride)
-    if (jax.default_backend() == "cpu" and cpu_conv.takes(x, kernel, strides, self.padding)
-        and kernels.load()):
-      y = cpu_conv.conv3x3(x, kernel)
+    plan = (cpu_conv.plan(x, kernel, strides, self.padding)
+            if jax.default_backend() == "cpu" else None)
+    if plan and kernels.load():
+      y = cpu_conv.conv3x3(x, kernel, xla_forward=plan == "gradients")
     else:
       y = jax.lax.conv_general_dilated(x, kernel, strides, self.padding,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
