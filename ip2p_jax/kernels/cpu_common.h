@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -32,10 +33,15 @@ inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
 // Float scratch aligned to cache lines (unaligned vector loads that split lines cost
-// the value products a third of their speed).
+// the value products a third of their speed). Running out of memory ends the process
+// with a message (no exception may cross XLA's C API or leave a pool thread).
 struct Scratch {
   explicit Scratch(long n, float fill = 0.0f)
       : data_(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64) + 64))) {
+    if (data_ == nullptr) {
+      std::fprintf(stderr, "ip2p_jax CPU kernels: out of memory for %ld floats\n", n);
+      std::abort();
+    }
     std::fill(data_, data_ + n, fill);
   }
   ~Scratch() { std::free(data_); }
