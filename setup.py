@@ -11,8 +11,8 @@ setup(
     # configs/ (top level, where --config= paths point) is installed as ip2p_jax.configs.
     packages=find_packages(include=["ip2p_jax", "ip2p_jax.*"]) + ["ip2p_jax.configs"],
     package_dir={"ip2p_jax.configs": "configs"},
-    # kernels/*.cc: C++ kernels compiled for the machine on first use (ip2p_jax.kernels).
-    package_data={"ip2p_jax": ["assets/*/*", "assets/*/*/*", "kernels/*.cc"]},
+    # kernels/*.cc, *.h: C++ kernels compiled for the machine on first use (ip2p_jax.kernels).
+    package_data={"ip2p_jax": ["assets/*/*", "assets/*/*/*", "kernels/*.cc", "kernels/*.h"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10",

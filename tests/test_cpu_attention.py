@@ -128,6 +128,26 @@ def test_default_on_cpu_is_the_kernel_where_it_applies():
     cpu_attention.flash_attention(q12, k12, v12)
 
 
+def test_operands_that_do_not_agree_are_refused_and_empty_ones_work():
+  """takes() sends a broadcast batch or a missing batch axis elsewhere; called on them
+  anyway, the Python wrapper and the C++ kernel say what is wrong (the kernel reads by
+  the query's shape, so it must not run on a smaller key). An empty batch gives empty
+  outputs and gradients."""
+  q = jnp.ones((2, 5, 2, 8))
+  small = jnp.ones((1, 7, 2, 8))
+  assert not cpu_attention.takes(q, small, small)
+  assert not cpu_attention.takes(q, small[0], small[0])
+  with pytest.raises(ValueError, match="same leading axes"):
+    cpu_attention.flash_attention(q, small, small)
+  with pytest.raises(Exception, match="must agree in their other axes"):
+    jax.block_until_ready(cpu_attention._attention(q, small, small))
+  empty_q, empty_k = jnp.ones((0, 5, 2, 8)), jnp.ones((0, 7, 2, 8))
+  assert not cpu_attention.takes(empty_q, empty_k, empty_k)
+  out, vjp = jax.vjp(cpu_attention._attention, empty_q, empty_k, empty_k)
+  assert out.shape == (0, 5, 2, 8)
+  assert [g.shape for g in vjp(out)] == [(0, 5, 2, 8), (0, 7, 2, 8), (0, 7, 2, 8)]
+
+
 def test_build_is_cached_and_atomic(tmp_path):
   """A build lands under its hashed name and nothing else is left in the folder; a
   second build returns the same file without compiling (its mtime is unchanged)."""

@@ -126,6 +126,18 @@ def test_conv_layer_uses_the_kernels_where_they_apply_and_matches_flax(
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 4, 8), (2, 0, 4, 8), (2, 4, 0, 8)])
+def test_empty_images(shape):
+  """No images, or images without rows or columns: an empty output and a zero filter
+  gradient, as XLA gives (the kernel is not planned for them, but runs if called)."""
+  x, kernel = jnp.ones(shape), jnp.ones((3, 3, 8, 16))
+  assert cpu_conv.plan(x, kernel, (1, 1), ((1, 1), (1, 1))) is None
+  loss = lambda conv: (lambda x, k: jnp.sum(conv(x, k)))
+  assert cpu_conv.conv3x3(x, kernel).shape == shape[:3] + (16,)
+  dx, dk = jax.grad(loss(cpu_conv.conv3x3), (0, 1))(x, kernel)
+  assert dx.shape == shape and not np.any(dk)
+
+
 def test_plan():
   x = jnp.zeros((1, 4, 4, 16), jnp.float32)
   k = jnp.zeros((3, 3, 16, 64), jnp.float32)

@@ -1,3 +1,5 @@
-"""Hand-written kernels where XLA's own code is slow: FlashAttention for the CPU in C++
-through XLA's FFI (:mod:`ip2p_jax.kernels.cpu_attention`), chosen by
-``models.layers.dot_product_attention``."""
+"""Hand-written kernels where XLA's own code is slow, in C++ for the CPU through XLA's FFI:
+FlashAttention (:mod:`ip2p_jax.kernels.cpu_attention`, chosen by
+``models.layers.dot_product_attention``) and 3x3 convolutions
+(:mod:`ip2p_jax.kernels.cpu_conv`, chosen by ``models.layers.Conv``), built for the machine
+by :mod:`ip2p_jax.kernels.build`."""

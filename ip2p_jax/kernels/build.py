@@ -4,7 +4,8 @@ them with XLA:CPU as FFI targets.
 The sources (``*.cc``, ``*.h`` here) are compiled on first use with ``-march=native`` and
 cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS`` elsewhere; ``IP2P_KERNELS=off``
 never builds or uses them), under a name that hashes the sources, jaxlib's version, the
-compiler flags and the CPU's features, so an upgrade or another machine builds its own.
+compiler and its flags and the CPU's features, so an upgrade or another machine builds
+its own.
 Where no C++ compiler is found or the build fails, :func:`load` logs why once and
 returns False, and the layers keep XLA's own kernels.
 """
@@ -63,15 +64,32 @@ def _cpu_features() -> str:
   return platform.processor()
 
 
+def compiler() -> str | None:
+  """``$CXX``, else ``g++`` or ``c++`` on PATH; None if there is none."""
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _compiler_version(path: str | None) -> str:
+  if path is None:
+    return ""
+  try:
+    return subprocess.run([path, "--version"], capture_output=True, text=True,
+                          errors="replace", timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
 def library_path(folder: str) -> str:
-  """The library's path in ``folder``: one per sources, jaxlib, flags and CPU."""
+  """The library's path in ``folder``: one per sources, jaxlib, compiler, flags and CPU."""
   import jaxlib
   digest = hashlib.sha256()
   for path in sorted(glob.glob(os.path.join(FOLDER, "*.cc")) +
                      glob.glob(os.path.join(FOLDER, "*.h"))):
     with open(path, "rb") as f:
       digest.update(os.path.basename(path).encode() + f.read())
-  for part in (jaxlib.__version__, " ".join(FLAGS), platform.machine(), _cpu_features()):
+  cxx = compiler()
+  for part in (jaxlib.__version__, str(cxx), _compiler_version(cxx), " ".join(FLAGS),
+               platform.machine(), _cpu_features()):
     digest.update(part.encode())
   return os.path.join(folder, f"ip2p_kernels-{digest.hexdigest()[:16]}.so")
 
@@ -84,21 +102,19 @@ def build(folder: str) -> str:
   path = library_path(folder)
   if os.path.exists(path):
     return path
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
+  cxx = compiler()
+  if cxx is None:
     raise RuntimeError("no C++ compiler (g++ or c++ on PATH, or $CXX)")
   os.makedirs(folder, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=folder) as work:
     objects = [os.path.join(work, os.path.basename(src) + ".o") for src in sources()]
-    jobs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True))
-            for cmd in ([compiler, *FLAGS, "-c", "-isystem", jax.ffi.include_dir(), src,
-                         "-o", obj] for src, obj in zip(sources(), objects))]
-    _finish(jobs)
+    run = lambda cmd: (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True,
+                                             errors="replace"))
+    _finish([run([cxx, *FLAGS, "-c", "-isystem", jax.ffi.include_dir(), src, "-o", obj])
+             for src, obj in zip(sources(), objects)])
     tmp = os.path.join(work, "library.so")
-    link = [compiler, *FLAGS, *objects, "-o", tmp]
-    _finish([(link, subprocess.Popen(link, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True))])
+    _finish([run([cxx, *FLAGS, *objects, "-o", tmp])])
     os.replace(tmp, path)
   return path
 
@@ -130,11 +146,11 @@ def _register() -> bool:
   try:
     import ctypes
     library = ctypes.cdll.LoadLibrary(build(folder))
-  except (RuntimeError, OSError) as e:
+    handlers = {name: getattr(library, symbol) for name, symbol in TARGETS.items()}
+  except (RuntimeError, OSError, AttributeError) as e:
     log.warning("the CPU kernels are not available, XLA's own kernels run instead "
                 "(slower): %s", e)
     return False
-  for name, symbol in TARGETS.items():
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform="cpu")
+  for name, handler in handlers.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
   return True

@@ -56,7 +56,6 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 struct Shape {
   long batch, lq, lk, heads, d;
-  long q_row() const { return heads * d; }  // stride between a head's consecutive rows
   const float* q_at(const float* x, long head, long i) const {
     return x + ((head / heads * lq + i) * heads + head % heads) * d;
   }
@@ -84,10 +83,22 @@ void pack_keys(const Shape& s, const float* k, long head, float* kt, long lkp, f
 
 const float* panels_at(const float* kt, long d, long kb) { return kt + kb / kPanel * d * kPanel; }
 
-ffi::Error check(const Shape& s) {
-  if (s.d % W != 0)
+// The operands agree as the kernels read them: query [..., Lq, H, d], key and value
+// [..., Lk, H, d] with the same leading axes, d a multiple of 8, keys for every query.
+ffi::Error check(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                 ffi::Buffer<ffi::F32>& v) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const size_t r = qd.size();
+  bool agree = r >= 3 && kd.size() == r && vd.size() == r;
+  for (size_t i = 0; agree && i < r; ++i) agree = kd[i] == vd[i] && (i + 3 == r || qd[i] == kd[i]);
+  if (!agree)
+    return ffi::Error::InvalidArgument(
+        "query [..., Lq, H, d] and key, value [..., Lk, H, d] must agree in their other axes");
+  if (qd[r - 1] % W != 0)
     return ffi::Error::InvalidArgument("head_dim must be a multiple of 8, got " +
-                                       std::to_string(s.d));
+                                       std::to_string(qd[r - 1]));
+  if (kd[r - 3] == 0 && q.element_count() > 0)
+    return ffi::Error::InvalidArgument("attention over no keys");
   return ffi::Error::Success();
 }
 
@@ -112,8 +123,9 @@ void scores(const Shape& s, const float* qs, long mb, const float* kt, long kb, 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  if (auto e = check(q, k, v); e.failure()) return e;
+  if (q.element_count() == 0) return ffi::Error::Success();
   const Shape s = shape_of(q, k);
-  if (auto e = check(s); e.failure()) return e;
   const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
   const Tile tile = Tile::for_width(d / W);
   const float scale2 = scale * kLog2e;  // scores in base 2
@@ -182,8 +194,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  if (auto e = check(q, k, v); e.failure()) return e;
+  if (q.element_count() == 0 || k.element_count() == 0) {
+    std::fill(dk->typed_data(), dk->typed_data() + dk->element_count(), 0.0f);
+    std::fill(dv->typed_data(), dv->typed_data() + dv->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
   const Shape s = shape_of(q, k);
-  if (auto e = check(s); e.failure()) return e;
   const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
   const Tile tile = Tile::for_width(d / W);
   const float scale2 = scale * kLog2e;  // scores in base 2

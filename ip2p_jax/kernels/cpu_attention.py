@@ -20,12 +20,14 @@ FORWARD, BACKWARD = "ip2p_flash_forward", "ip2p_flash_backward"
 
 
 def takes(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
-  """Whether the kernel runs these operands: float32, one head_dim, a multiple of 8."""
+  """Whether the kernel runs these operands: ``[..., length, heads, head_dim]`` with the
+  same leading axes and heads, float32, one head_dim, a multiple of 8, nothing empty."""
   d = query.shape[-1]
-  return (query.dtype == key.dtype == value.dtype == jnp.float32
-          and d == key.shape[-1] == value.shape[-1] and d % 8 == 0
-          and query.shape[-2] == key.shape[-2] == value.shape[-2]
-          and key.shape[:-1] == value.shape[:-1])
+  return (query.ndim == key.ndim == value.ndim >= 3
+          and query.dtype == key.dtype == value.dtype == jnp.float32
+          and query.shape[:-3] == key.shape[:-3] and key.shape == value.shape
+          and query.shape[-2:] == key.shape[-2:] and d % 8 == 0
+          and min(query.shape + key.shape) > 0)
 
 
 def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
@@ -37,8 +39,10 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.A
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS); "
                        "use implementation='flash' or None")
   if not takes(query, key, value):
-    raise ValueError(f"the CPU attention kernel takes float32 with head_dim a multiple of "
-                     f"8; got {query.dtype} {query.shape}, {key.dtype} {key.shape}")
+    raise ValueError(f"the CPU attention kernel takes float32 [..., length, heads, head_dim] "
+                     f"with the same leading axes and heads, head_dim a multiple of 8; got "
+                     f"{query.dtype} {query.shape}, {key.dtype} {key.shape}, {value.dtype} "
+                     f"{value.shape}")
   return _attention(query, key, value)
 
 

@@ -33,16 +33,17 @@ inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
 // Float scratch aligned to cache lines (unaligned vector loads that split lines cost
-// the value products a third of their speed). Running out of memory ends the process
+// the value products a third of their speed), zeroed unless asked not to. Running out of
+// memory ends the process
 // with a message (no exception may cross XLA's C API or leave a pool thread).
 struct Scratch {
-  explicit Scratch(long n, float fill = 0.0f)
+  explicit Scratch(long n, bool zeroed = true)
       : data_(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64) + 64))) {
     if (data_ == nullptr) {
       std::fprintf(stderr, "ip2p_jax CPU kernels: out of memory for %ld floats\n", n);
       std::abort();
     }
-    std::fill(data_, data_ + n, fill);
+    if (zeroed) std::fill(data_, data_ + n, 0.0f);
   }
   ~Scratch() { std::free(data_); }
   Scratch(const Scratch&) = delete;

@@ -66,8 +66,8 @@ std::array<long, 9> tap_offsets(const Image& s) {
 }
 
 ffi::Error check(const Image& s, long out_channels, long groups) {
-  if (s.channels % W != 0 || out_channels % W != 0)
-    return ffi::Error::InvalidArgument("channels must be multiples of 8, got " +
+  if (s.channels % W != 0 || out_channels % W != 0 || s.channels == 0 || out_channels == 0)
+    return ffi::Error::InvalidArgument("channels must be positive multiples of 8, got " +
                                        std::to_string(s.channels) + " -> " +
                                        std::to_string(out_channels));
   if (s.batch % groups != 0)
@@ -81,6 +81,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const Image s = image_of(x);
   const long cout = w.dimensions().back(), pw = s.padded_width();
   const long groups = groups_of(w.dimensions()), kernel = 9 * s.channels * cout;
+  if (y->element_count() == 0) return ffi::Error::Success();  // nothing to write
   if (auto e = check(s, cout, groups); e.failure()) return e;
   const long per_group = s.batch / groups;
   const Tile tile = Tile::for_width(cout / W);
@@ -95,7 +96,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     const long n = task / chunks, y0 = task % chunks * rows;
     const long y1 = std::min(s.height, y0 + rows);
     if (y0 >= y1) return;
-    Scratch pad(s.padded_pixels(y1 - y0) * s.channels), out((y1 - y0) * pw * cout);
+    Scratch pad(s.padded_pixels(y1 - y0) * s.channels, false),
+        out((y1 - y0) * pw * cout, false);  // pad_rows and the product write all of them
     pad_rows(s, xp, n, y0, y1, pad.data());
     gemm(tile, (y1 - y0) * pw, cout, s.channels, pad.data(), s.channels, 1,
          wp + n / per_group * kernel, cout, 0, out.data(), cout, false,
@@ -112,10 +114,11 @@ ffi::Error Filter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const Image s = image_of(x);
   const long cout = dy.dimensions().back(), cin = s.channels, pw = s.padded_width();
   const long groups = groups_of(dw->dimensions());
+  if (dw->element_count() == 0) return ffi::Error::Success();  // nothing to write
   if (auto e = check(s, cout, groups); e.failure()) return e;
   const long per_group = s.batch / groups;
   float* wp = dw->typed_data();
-  if (per_group == 0) {  // no images: a zero gradient
+  if (per_group == 0 || s.height == 0 || s.width == 0) {  // no pixels: a zero gradient
     std::fill(wp, wp + groups * 9 * cin * cout, 0.0f);
     return ffi::Error::Success();
   }
@@ -123,7 +126,7 @@ ffi::Error Filter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const long pixels = s.height * pw, image_floats = s.padded_pixels(s.height) * cin;
   const float *xp = x.typed_data(), *gp = dy.typed_data();
   // Every image padded once; dy laid out over the padded width with zero junk columns.
-  Scratch pads(s.batch * image_floats), grads(s.batch * pixels * cout);
+  Scratch pads(s.batch * image_floats, false), grads(s.batch * pixels * cout, false);
   parallel_for(pool, s.batch, [&](long n) {
     pad_rows(s, xp, n, 0, s.height, pads.data() + n * image_floats);
     float* g = grads.data() + n * pixels * cout;

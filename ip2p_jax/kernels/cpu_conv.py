@@ -27,8 +27,9 @@ def plan(x: jax.Array, kernel: jax.Array, strides, padding) -> str | None:
   """How a convolution runs: "kernel" (these kernels forward and backward), "gradients"
   (XLA's forward, these kernels' gradients) or None (XLA's, both ways). These kernels
   take NHWC float32 input, a 3x3 HWIO float32 kernel, stride 1, padding 1 on every side
-  and channels in and out that are multiples of 8."""
-  if isinstance(padding, str) or x.ndim != 4 or kernel.shape[:2] != (3, 3):
+  and channels in and out that are multiples of 8; nothing empty."""
+  if (isinstance(padding, str) or x.ndim != 4 or kernel.shape[:2] != (3, 3)
+      or min(x.shape + kernel.shape) == 0):
     return None
   cin, cout = kernel.shape[-2:]
   if not (x.shape[-1] == cin and x.dtype == kernel.dtype == jnp.float32
@@ -47,9 +48,10 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, xla_forward: bool = False) -> ja
   if not build.load():
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS)")
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or kernel.shape[:2] != (3, 3) \
-      or x.shape[-1] != kernel.shape[2] or kernel.shape[2] % 8 or kernel.shape[3] % 8:
+      or x.shape[-1] != kernel.shape[2] or kernel.shape[2] % 8 or kernel.shape[3] % 8 \
+      or min(kernel.shape) == 0:
     raise ValueError(f"the CPU convolution takes float32, a 3x3 kernel and channels that "
-                     f"are multiples of 8; got {x.dtype} {x.shape}, {kernel.dtype} "
+                     f"are positive multiples of 8; got {x.dtype} {x.shape}, {kernel.dtype} "
                      f"{kernel.shape}")
   return _conv(xla_forward, x, kernel)
 

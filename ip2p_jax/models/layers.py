@@ -55,13 +55,17 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1,
 
 
 class Conv(nn.Module):
-  """A 2-D convolution, NHWC, with flax ``nn.Conv``'s parameters (``kernel`` HWIO,
-  ``bias``) and numerics, whose logical axes are declared here.
+  """A 2-D convolution of ``[batch, height, width, channels]`` input with flax
+  ``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``), initialisation and numerics,
+  whose logical axes are declared here; ``padding`` is "SAME", "VALID" or a pair per
+  spatial axis (what ``lax.conv_general_dilated`` takes).
 
   On CPU the float32 3x3 stride-1 layers run the C++ kernels of
   :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways
   where they write up to 64 channels, 1.7-2x XLA:CPU's speed there; the gradients only
-  where they write more); everything else runs ``lax.conv_general_dilated``."""
+  where they write more); everything else runs ``lax.conv_general_dilated``. Those
+  layers differentiate in reverse mode once (a custom VJP), not forward mode: set
+  ``IP2P_KERNELS=off`` for ``jax.jvp`` or higher derivatives."""
   features: int
   kernel_size: int
   stride: int = 1
