@@ -40,8 +40,8 @@ def kernel_built():
 
 
 # (batch, height, width, in, out): square and not, one pixel, one row, one column, odd
-# sizes; channels 8-192, in != out both ways (1-8 vectors out: a tile of 1-5 and
-# remainders), more row chunks than images and more images than chunks.
+# sizes; channels 8-192, in != out both ways (1-8 vectors out: 6 x 16 tiles, a one-vector
+# remainder, 8 x 8 tiles), more row chunks than images and more images than chunks.
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),

@@ -56,10 +56,13 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 struct Shape {
   long batch, lq, lk, heads, d;
-  const float* q_at(const float* x, long head, long i) const {
+  // Row i of a head (batch * heads + h) in a query-shaped or key-shaped buffer.
+  template <typename T>
+  T* q_at(T* x, long head, long i) const {
     return x + ((head / heads * lq + i) * heads + head % heads) * d;
   }
-  const float* k_at(const float* x, long head, long j) const {
+  template <typename T>
+  T* k_at(T* x, long head, long j) const {
     return x + ((head / heads * lk + j) * heads + head % heads) * d;
   }
 };
@@ -179,7 +182,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         gemm(tile, mb, d, nk, S.data(), kKeys, 1, vc.data() + kb * d, d, 0, o.data(), d, true);
       }
       for (long i = 0; i < mb; ++i) {
-        float* row = const_cast<float*>(s.q_at(op, head, i0 + i));
+        float* row = s.q_at(op, head, i0 + i);
         const float inv = 1.0f / l[i];
         for (long c = 0; c < d; ++c) row[c] = o[i * d + c] * inv;
         lp[head * s.lq + i0 + i] = (m[i] + std::log2(l[i])) * kLn2;
@@ -255,13 +258,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         gemm(tile, nk, d, mb, dS.data(), 1, kKeys, qs.data(), d, 0, dkc.data() + kb * d, d, true);
       }
       for (long i = 0; i < mb; ++i) {
-        float* row = const_cast<float*>(s.q_at(dqp, head, i0 + i));
+        float* row = s.q_at(dqp, head, i0 + i);
         for (long c = 0; c < d; ++c) row[c] = gq[i * d + c] * scale;
       }
     }
     for (long j = 0; j < s.lk; ++j) {
-      std::memcpy(const_cast<float*>(s.k_at(dkp, head, j)), &dkc[j * d], d * 4);
-      std::memcpy(const_cast<float*>(s.k_at(dvp, head, j)), &dvc[j * d], d * 4);
+      std::memcpy(s.k_at(dkp, head, j), &dkc[j * d], d * 4);
+      std::memcpy(s.k_at(dvp, head, j), &dvc[j * d], d * 4);
     }
   });
   return ffi::Error::Success();
