@@ -139,6 +139,11 @@ def profile(run, runs: int, top: int) -> None:
   print("|---|---:|---:|")
   for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
     print(f"| {group} | {ms:.1f} | {ms / total:.0%} |")
+  kinds: dict[str, float] = collections.defaultdict(float)
+  for key, ms in per_op.items():  # the instruction's kind: its name without the number
+    kinds[re.sub(r"\.\d+$", "", key[1])] += ms
+  print("by kind of instruction (ms per run): " + ", ".join(
+      f"{kind} {ms:.1f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]))
   print("heaviest instructions of each group (ms per run):")
   for group in sorted(groups, key=lambda g: -groups[g]):
     ops = sorted((kv for kv in per_op.items() if group_of(known.get(kv[0], "")) == group),

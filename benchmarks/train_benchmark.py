@@ -6,7 +6,11 @@ batch, resolution and optimizer (AdamW lr 1e-4, clip 1.0), in one run.
 
 Both steps: VAE-encode both images (no grad), encode the instruction (no grad), noise
 the edited latent at random timesteps, UNet forward/backward on [noisy, image latent],
-clip, AdamW. Reports seconds per step (best of --repeats after warm-up) and the ratio.
+clip, AdamW, and an exponential moving average of the UNet's weights (decay 0.9999: ours
+always keeps one; PyTorch's is diffusers' ``EMAModel`` with ``foreach``, what the
+diffusers script does with ``--use_ema``; before 2026-11-29's second sitting the
+PyTorch step had none). Reports seconds per step (best of --repeats after warm-up,
+the two alternating) and the ratio.
 """
 from __future__ import annotations
 
@@ -16,15 +20,17 @@ import time
 
 import numpy as np
 
-from common import SIZES, best_of, diffusers_ip2p, machine
+from common import SIZES, best_of_both, diffusers_ip2p, machine
 
 
 def torch_step_fn(pipe, batch, lr=1e-4):
   import torch
   import torch.nn.functional as F
+  from diffusers.training_utils import EMAModel
   unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+  ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
   sched = pipe.scheduler
   ac = sched.alphas_cumprod
   inputs = torch.from_numpy(batch["input_image"]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -46,6 +52,7 @@ def torch_step_fn(pipe, batch, lr=1e-4):
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    ema.step(unet.parameters())
   return step
 
 
@@ -107,7 +114,7 @@ def main():
   p.add_argument("--size", choices=sorted(SIZES), default="small")
   p.add_argument("--resolution", type=int, default=64)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=8)
   args = p.parse_args()
 
   import jax
@@ -118,11 +125,10 @@ def main():
   t = time.perf_counter()
   run_ours()
   first = time.perf_counter() - t
-  ours = best_of(run_ours, args.repeats)
-
   torch_step = torch_step_fn(ref, batch)
   torch_step()
-  theirs = best_of(torch_step, args.repeats)
+  run_ours()
+  ours, theirs = best_of_both(run_ours, torch_step, args.repeats)
   n_params = sum(x.size for x in jax.tree.leaves(parts.params["unet"]))
   print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
   print(f"size={args.size} (UNet {n_params:,} params) resolution={args.resolution} "

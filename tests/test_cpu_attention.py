@@ -38,11 +38,11 @@ def kernel():
 
 
 # (batch, query length, key length, heads, head_dim): the kernel works in blocks of 64
-# queries, 256 keys and panels of 16 keys, over 6 x 16 register tiles (8 x 8 where
-# head_dim is 8). Cases: the small UNets' self and cross attention (77 keys: a partial
-# panel), lengths off every block (300 queries = 4 x 64 + 44; 295 and 513 keys: a partial
-# key block after one and two full ones), fewer rows than a register tile, head_dims
-# 8-160 (1-20 vectors: one tile, tiles plus a one-vector remainder), one head.
+# queries, 256 keys and panels of 16 keys (64 on AVX-512), over register tiles 8-64 floats
+# wide (cpu_common.h's Tile). Cases: the small UNets' self and cross attention (77 keys: a
+# partial panel), lengths off every block (300 queries = 4 x 64 + 44; 295 and 513 keys: a
+# partial key block after one and two full ones), fewer rows than a register tile,
+# head_dims 8-160 (whole tiles, tiles plus a 16- or 8-float remainder), one head.
 CASES = [
     (2, 256, 256, 8, 8),
     (2, 256, 77, 8, 8),

@@ -2,6 +2,11 @@
 gradients over image sizes, channel counts and batches; it batches under vmap (images,
 and kernels); layers.Conv runs it (or only its gradients) where the plan says and
 matches flax's nn.Conv, parameters included."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,8 +45,9 @@ def kernel_built():
 
 
 # (batch, height, width, in, out): square and not, one pixel, one row, one column, odd
-# sizes; channels 8-192, in != out both ways (1-8 vectors out: 6 x 16 tiles, a one-vector
-# remainder, 8 x 8 tiles), more row chunks than images and more images than chunks.
+# sizes; channels 8-192, in != out both ways (8-128 floats out: every register tile of
+# the 8- and 16-float builds, 16- and 8-float remainders), more row chunks than images,
+# more images than chunks, output channels split over tasks (few small images, wide).
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),
@@ -52,6 +58,8 @@ CASES = [
     (5, 4, 4, 32, 64),
     (1, 32, 32, 56, 24),
     (2, 9, 11, 192, 64),
+    (1, 6, 7, 16, 96),
+    (1, 3, 3, 32, 136),
 ]
 
 
@@ -99,7 +107,7 @@ def _kernels_used(module, x):
     (32, 3, 1, 16, jnp.float32, (True, True)),
     (64, 3, 1, 64, jnp.float32, (True, True)),
     (64, 3, 1, 192, jnp.float32, (True, True)),    # many channels in, 64 out
-    (128, 3, 1, 64, jnp.float32, (False, True)),   # wider: XLA's forward, our gradients
+    (128, 3, 1, 64, jnp.float32, None),            # wider: XLA's forward on AVX2 builds
     (32, 3, 2, 32, jnp.float32, (False, False)),   # stride 2 (downsampling)
     (32, 1, 1, 32, jnp.float32, (False, False)),   # 1x1
     (32, 3, 1, 4, jnp.float32, (False, False)),    # 4 channels in (a VAE decoder's conv_in)
@@ -111,6 +119,8 @@ def test_conv_layer_uses_the_kernels_where_they_apply_and_matches_flax(
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, cin)), dtype)
   ours = layers.conv(features, kernel_size, stride=stride, dtype=dtype)
   used, params = _kernels_used(ours, x)
+  if expected is None:  # an 8-float build keeps XLA's forward for layers this wide
+    expected = (build.vector_width() >= 16, True)
   assert used == expected
   pad = kernel_size // 2
   flax_conv = nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2,
@@ -145,7 +155,8 @@ def test_plan():
   assert cpu_conv.plan(x, k, (1, 1), same) == "kernel"
   assert cpu_conv.plan(jnp.zeros((1, 4, 4, 256)), jnp.zeros((3, 3, 256, 64)), (1, 1),
                        same) == "kernel"
-  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 128)), (1, 1), same) == "gradients"
+  wide = "kernel" if build.vector_width() >= 16 else "gradients"
+  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 128)), (1, 1), same) == wide
   assert cpu_conv.plan(x, k, (1, 1), "SAME") is None
   assert cpu_conv.plan(x, k, (1, 1), ((0, 0), (0, 0))) is None
   assert cpu_conv.plan(x, k, (2, 2), same) is None
@@ -153,3 +164,53 @@ def test_plan():
   assert cpu_conv.plan(x.astype(jnp.bfloat16), k, (1, 1), same) is None
   with pytest.raises(ValueError, match="multiples of 8"):
     cpu_conv.conv3x3(jnp.zeros((1, 4, 4, 12)), jnp.zeros((3, 3, 12, 8)))
+
+
+NARROW = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from ip2p_jax.kernels import build, cpu_attention, cpu_conv
+    print("WIDTH", build.vector_width())
+    rng = np.random.default_rng(0)
+    errors = []
+    for n, h, w, cin, cout in [(1, 5, 9, 24, 8), (1, 1, 7, 8, 40), (2, 4, 5, 16, 128)]:
+      x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+      k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+      ref = lambda x, k: jax.lax.conv_general_dilated(
+          x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          precision="highest")
+      for f in (cpu_conv.conv3x3, ref):
+        got = jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1))(x, k)
+        errors.append(got)
+      (a, (da, dka)), (b, (db, dkb)) = errors[-2:]
+      errors[-2:] = [max(float(jnp.max(jnp.abs(u - v)) / (1 + float(jnp.max(jnp.abs(v)))))
+                         for u, v in ((a, b), (da, db), (dka, dkb)))]
+    for b, lq, lk, h, d in [(1, 70, 77, 2, 40), (2, 33, 300, 1, 8), (1, 9, 5, 1, 24)]:
+      q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32)
+                 for l in (lq, lk, lk))
+      def ref(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(d)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v, precision="highest")
+      loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * q))
+      got = jax.grad(loss(cpu_attention.flash_attention), (0, 1, 2))(q, k, v)
+      want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+      errors.append(max(float(jnp.max(jnp.abs(u - w))) for u, w in zip(got, want)))
+      errors.append(float(jnp.max(jnp.abs(cpu_attention.flash_attention(q, k, v)
+                                          - ref(q, k, v)))))
+    print("PLAN", cpu_conv.plan(jnp.zeros((1, 4, 4, 16)), jnp.zeros((3, 3, 16, 128)), (1, 1),
+                                ((1, 1), (1, 1))))
+    print("ERR", max(errors))
+    """)
+
+
+def test_8_float_build_gives_the_same_numbers(tmp_path):
+  """The kernels built for 8-float vectors (AVX2; forced here with -mno-avx512f, which
+  changes nothing on a CPU without AVX-512) give the same convolutions and attention,
+  values and gradients, at widths that exercise every tile and remainder; and keep
+  XLA's forward for layers writing more than 64 channels."""
+  env = dict(os.environ, IP2P_KERNELS=str(tmp_path / "kernels"),
+             IP2P_KERNELS_CXXFLAGS="-mno-avx512f")
+  done = subprocess.run([sys.executable, "-c", NARROW], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "WIDTH 8" in done.stdout and "PLAN gradients" in done.stdout, done.stdout
+  assert float(done.stdout.split("ERR")[1]) < TOL, done.stdout

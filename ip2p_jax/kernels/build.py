@@ -1,8 +1,9 @@
 """Builds this folder's C++ kernels into one library for this machine and registers
 them with XLA:CPU as FFI targets.
 
-The sources (``*.cc``, ``*.h`` here) are compiled on first use with ``-march=native`` and
-cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS`` elsewhere; ``IP2P_KERNELS=off``
+The sources (``*.cc``, ``*.h`` here) are compiled on first use with ``-march=native``
+(plus ``$IP2P_KERNELS_CXXFLAGS``, e.g. ``-mno-avx512f`` for the 8-float vector code on a
+CPU with AVX-512) and cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS`` elsewhere; ``IP2P_KERNELS=off``
 never builds or uses them), under a name that hashes the sources, jaxlib's version, the
 compiler and its flags and the CPU's features, so an upgrade or another machine builds
 its own.
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
+
+
+def flags() -> tuple[str, ...]:
+  """The compiler flags: :data:`FLAGS` and then ``$IP2P_KERNELS_CXXFLAGS``."""
+  return FLAGS + tuple(shlex.split(os.environ.get("IP2P_KERNELS_CXXFLAGS", "")))
 # FFI target name -> the library's handler symbol.
 TARGETS = {
     "ip2p_flash_forward": "Ip2pFlashForward",
@@ -39,6 +46,7 @@ TARGETS = {
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
+_vector_width = 0
 
 
 def sources() -> list[str]:
@@ -88,7 +96,7 @@ def library_path(folder: str) -> str:
     with open(path, "rb") as f:
       digest.update(os.path.basename(path).encode() + f.read())
   cxx = compiler()
-  for part in (jaxlib.__version__, str(cxx), _compiler_version(cxx), " ".join(FLAGS),
+  for part in (jaxlib.__version__, str(cxx), _compiler_version(cxx), " ".join(flags()),
                platform.machine(), _cpu_features()):
     digest.update(part.encode())
   return os.path.join(folder, f"ip2p_kernels-{digest.hexdigest()[:16]}.so")
@@ -111,10 +119,10 @@ def build(folder: str) -> str:
     run = lambda cmd: (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True,
                                              errors="replace"))
-    _finish([run([cxx, *FLAGS, "-c", "-isystem", jax.ffi.include_dir(), src, "-o", obj])
+    _finish([run([cxx, *flags(), "-c", "-isystem", jax.ffi.include_dir(), src, "-o", obj])
              for src, obj in zip(sources(), objects)])
     tmp = os.path.join(work, "library.so")
-    _finish([run([cxx, *FLAGS, *objects, "-o", tmp])])
+    _finish([run([cxx, *flags(), *objects, "-o", tmp])])
     os.replace(tmp, path)
   return path
 
@@ -139,7 +147,14 @@ def load() -> bool:
     return _loaded
 
 
+def vector_width() -> int:
+  """Floats per vector in the loaded kernels' products: 16 where they were built for
+  AVX-512, 8 otherwise; 0 if they are not loaded."""
+  return _vector_width if load() else 0
+
+
 def _register() -> bool:
+  global _vector_width
   folder = cache_dir()
   if folder is None:
     return False
@@ -147,6 +162,7 @@ def _register() -> bool:
     import ctypes
     library = ctypes.cdll.LoadLibrary(build(folder))
     handlers = {name: getattr(library, symbol) for name, symbol in TARGETS.items()}
+    _vector_width = int(library.ip2p_vector_width())
   except (RuntimeError, OSError, AttributeError) as e:
     log.warning("the CPU kernels are not available, XLA's own kernels run instead "
                 "(slower): %s", e)

@@ -36,20 +36,22 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // rounded to nearest by the 1.5 * 2^23 trick, 2^r = e^(r ln 2) by its Taylor polynomial
 // of degree 6 (relative error < 2e-7 for |r| <= 1/2), 2^n written into the exponent
 // bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0.
-inline v8 vexp2(v8 x) {
-  const v8 lo = splat(-126.0f), magic = splat(12582912.0f);
+template <typename V>
+inline V vexp2(V x) {
+  using I = ints_t<V>;
+  const V lo = splat<V>(-126.0f), magic = splat<V>(12582912.0f);
   x = x < lo ? lo : x;
-  const v8 big = x + magic;
-  const v8 r = x - (big - magic);
-  const i8 n = (i8)big - (i8)magic;
-  v8 y = splat(1.5403530393381606e-4f);
-  y = y * r + splat(1.3333558146428443e-3f);
-  y = y * r + splat(9.6181291076284772e-3f);
-  y = y * r + splat(5.5504108664821580e-2f);
-  y = y * r + splat(2.4022650695910071e-1f);
-  y = y * r + splat(6.9314718055994531e-1f);
-  y = y * r + splat(1.0f);
-  return y * (v8)((n + 127) << 23);
+  const V big = x + magic;
+  const V r = x - (big - magic);
+  const I n = (I)big - (I)magic;
+  V y = splat<V>(1.5403530393381606e-4f);
+  y = y * r + 1.3333558146428443e-3f;
+  y = y * r + 9.6181291076284772e-3f;
+  y = y * r + 5.5504108664821580e-2f;
+  y = y * r + 2.4022650695910071e-1f;
+  y = y * r + 6.9314718055994531e-1f;
+  y = y * r + 1.0f;
+  return y * (V)((n + 127) << 23);
 }
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -67,9 +69,10 @@ struct Shape {
   }
 };
 
-// The tile of the two products whose columns are keys (Q K^T, dO V^T): 6 x 16.
-constexpr Tile kScoreTile{6, 2};
-constexpr long kPanel = 16;  // its width: keys per packed panel
+// The tile of the two products whose columns are keys (Q K^T, dO V^T): the widest.
+constexpr Tile kScoreTile = Tile::for_width(kKeys);
+constexpr long kPanel = kScoreTile.vectors * VW;  // its width: keys per packed panel
+static_assert(kKeys % kPanel == 0, "a key block is whole panels");
 
 // Keys transposed into panels of kPanel keys, [lkp / kPanel][d][kPanel] (zero-padded;
 // lkp = lk rounded up to kPanel), so a score tile reads contiguous memory; and, if kc,
@@ -113,10 +116,11 @@ Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   return Shape{batch, qd[r - 3], kd[r - 3], qd[r - 2], qd[r - 1]};
 }
 
-// One block of rows: S = Qs Kt[:, kb : kb + nk], padded columns at -inf.
+// One block of rows: S = Qs Kt[:, kb : kb + nk], columns up to a whole vector (nkp) at
+// -inf.
 void scores(const Shape& s, const float* qs, long mb, const float* kt, long kb, long nk,
             float* S) {
-  long nkp = round_up(nk, W);
+  long nkp = round_up(nk, VW);
   gemm(kScoreTile, mb, nkp, s.d, qs, s.d, 1, panels_at(kt, s.d, kb), kPanel, s.d * kPanel, S,
        kKeys, false);
   for (long i = 0; i < mb; ++i)
@@ -130,7 +134,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (q.element_count() == 0) return ffi::Error::Success();
   const Shape s = shape_of(q, k);
   const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
-  const Tile tile = Tile::for_width(d / W);
+  const Tile tile = Tile::for_width(d);
   const float scale2 = scale * kLog2e;  // scores in base 2
   const long blocks = (s.lq + kRows - 1) / kRows;
   // Enough tasks to keep every thread busy; a task packs its head's keys once.
@@ -158,20 +162,20 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       std::fill(m, m + kRows, kNegInf);
       std::fill(l, l + kRows, 0.0f);
       for (long kb = 0; kb < s.lk; kb += kKeys) {
-        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, W);
+        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, VW);
         scores(s, qs.data(), mb, kt.data(), kb, nk, S.data());
         for (long i = 0; i < mb; ++i) {
           float* row = &S[i * kKeys];
-          v8 mx = splat(kNegInf);
-          for (long j = 0; j < nkp; j += W) {
-            v8 x = load(row + j);
+          vf mx = splat<vf>(kNegInf);
+          for (long j = 0; j < nkp; j += VW) {
+            vf x = load<vf>(row + j);
             mx = x > mx ? x : mx;
           }
           const float m_new = std::max(m[i], hmax(mx));
           const float alpha = m[i] == kNegInf ? 0.0f : std::exp2(m[i] - m_new);
-          v8 sum = splat(0), shift = splat(m_new);
-          for (long j = 0; j < nkp; j += W) {
-            v8 p = vexp2(load(row + j) - shift);
+          vf sum = splat<vf>(0), shift = splat<vf>(m_new);
+          for (long j = 0; j < nkp; j += VW) {
+            vf p = vexp2(load<vf>(row + j) - shift);
             store(row + j, p);
             sum += p;
           }
@@ -205,7 +209,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   }
   const Shape s = shape_of(q, k);
   const long heads = s.batch * s.heads, lkp = round_up(s.lk, kPanel), d = s.d;
-  const Tile tile = Tile::for_width(d / W);
+  const Tile tile = Tile::for_width(d);
   const float scale2 = scale * kLog2e;  // scores in base 2
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
               *op = out.typed_data(), *lp = lse.typed_data(), *gp = d_out.typed_data();
@@ -235,12 +239,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       }
       std::fill(gq.data(), gq.data() + kRows * d, 0.0f);
       for (long kb = 0; kb < s.lk; kb += kKeys) {
-        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, W);
+        const long nk = std::min(kKeys, s.lk - kb), nkp = round_up(nk, VW);
         scores(s, qs2.data(), mb, kt.data(), kb, nk, P.data());
         for (long i = 0; i < mb; ++i) {
-          v8 shift = splat(L[i]);
-          for (long j = 0; j < nkp; j += W)
-            store(&P[i * kKeys + j], vexp2(load(&P[i * kKeys + j]) - shift));
+          vf shift = splat<vf>(L[i]);
+          for (long j = 0; j < nkp; j += VW)
+            store(&P[i * kKeys + j], vexp2(load<vf>(&P[i * kKeys + j]) - shift));
         }
         // dV += P^T dO
         gemm(tile, nk, d, mb, P.data(), 1, kKeys, go.data(), d, 0, dvc.data() + kb * d, d, true);
@@ -248,10 +252,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         gemm(kScoreTile, mb, nkp, d, go.data(), d, 1, panels_at(vt.data(), d, kb), kPanel,
              d * kPanel, dS.data(), kKeys, false);
         for (long i = 0; i < mb; ++i) {
-          v8 delta = splat(D[i]);
-          for (long j = 0; j < nkp; j += W)
+          vf delta = splat<vf>(D[i]);
+          for (long j = 0; j < nkp; j += VW)
             store(&dS[i * kKeys + j],
-                  load(&P[i * kKeys + j]) * (load(&dS[i * kKeys + j]) - delta));
+                  load<vf>(&P[i * kKeys + j]) * (load<vf>(&dS[i * kKeys + j]) - delta));
         }
         // dQ += dS K (scaled below), dK += dS^T Qs
         gemm(tile, mb, d, nk, dS.data(), kKeys, 1, kc.data() + kb * d, d, 0, gq.data(), d, true);

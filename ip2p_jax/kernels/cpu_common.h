@@ -1,6 +1,9 @@
-// Shared by the CPU kernels: 8-float vectors (GCC vector extensions: AVX2+FMA with
-// -march=native on x86, NEON pairs on Arm), aligned scratch, one register-blocked
-// matrix product and a parallel loop over XLA's intra-op thread pool.
+// Shared by the CPU kernels: float vectors (GCC vector extensions; with -march=native
+// 16 floats where the CPU has AVX-512, else 8: AVX2+FMA on x86, NEON pairs on Arm),
+// aligned scratch, one register-blocked matrix product and a parallel loop over XLA's
+// intra-op thread pool. Operands come in multiples of 8 floats (W); the products and
+// the elementwise loops run on the widest vector (VW floats), an 8-float half vector
+// taking a row's last 8 where VW is 16.
 #ifndef IP2P_JAX_KERNELS_CPU_COMMON_H_
 #define IP2P_JAX_KERNELS_CPU_COMMON_H_
 
@@ -13,6 +16,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -21,15 +25,41 @@ namespace ip2p {
 
 namespace ffi = xla::ffi;
 
-constexpr int W = 8;  // floats per vector
-
 typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 
-inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
-inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
-inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+constexpr int W = 8;  // the operands' granularity: channels and head_dim are multiples of it
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats in the widest vector
+using vf = v16;
+#else
+constexpr int VW = 8;
+using vf = v8;
+#endif
+
+template <typename V>
+constexpr int lanes = sizeof(V) / sizeof(float);
+template <typename V>  // the vector's int32 twin (for exponent bits)
+using ints_t = std::conditional_t<lanes<V> == 16, i16, i8>;
+
+// Unaligned loads and stores (memcpy: one vmovups).
+template <typename V = v8>
+inline V load(const float* p) {
+  V x;
+  __builtin_memcpy(&x, p, sizeof(V));
+  return x;
+}
+template <typename V>
+inline void store(float* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+template <typename V = v8>
+inline V splat(float x) {  // one vbroadcastss (V{} + x would add a zero first)
+  if constexpr (lanes<V> == 16)
+    return V{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+  else
+    return V{x, x, x, x, x, x, x, x};
+}
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
 // Float scratch aligned to cache lines (unaligned vector loads that split lines cost
@@ -55,15 +85,17 @@ struct Scratch {
   float* data_;
 };
 
-inline float hsum(v8 x) {
+template <typename V>
+inline float hsum(V x) {
   float s = 0;
-  for (int i = 0; i < W; ++i) s += x[i];
+  for (int i = 0; i < lanes<V>; ++i) s += x[i];
   return s;
 }
 
-inline float hmax(v8 x) {
+template <typename V>
+inline float hmax(V x) {
   float m = x[0];
-  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < lanes<V>; ++i) m = std::max(m, x[i]);
   return m;
 }
 
@@ -76,64 +108,80 @@ struct Taps {
   long b_stride = 0;
 };
 
-// C[R x 8 NV] (+)= sum over taps of A_t B_t over k < K; A(r, k) = A[r ars + k acs],
-// B row-major (ldb).
-template <int R, int NV>
+// C[R x NV lanes] (+)= sum over taps of A_t B_t over k < K, in vectors of type V;
+// A(r, k) = A[r ars + k acs], B row-major (ldb).
+template <typename V, int R, int NV>
 void micro(long K, const float* A, long ars, long acs, const float* B, long ldb, float* C,
            long ldc, bool accumulate, const Taps& taps) {
-  v8 acc[R][NV];
-#pragma GCC unroll 8
+  constexpr int L = lanes<V>;
+  V acc[R][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + v * W) : splat(0);
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? load<V>(C + r * ldc + v * L) : splat<V>(0);
   for (int t = 0; t < taps.count; ++t) {
     const float* a = A + (taps.a_offset ? taps.a_offset[t] : 0);
     const float* bt = B + t * taps.b_stride;
     for (long k = 0; k < K; ++k) {
       const float* b = bt + k * ldb;
-      v8 bv[NV];
+      V bv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
-#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + v * L);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        v8 x = splat(a[r * ars + k * acs]);
+        V x = splat<V>(a[r * ars + k * acs]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
       }
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, acc[r][v]);
 }
 
 using Micro = void (*)(long, const float*, long, long, const float*, long, float*, long, bool,
                        const Taps&);
-constexpr int kMaxR = 8, kMaxNV = 2;  // the tiles Tile::for_width picks, and their remainders
 
-template <int R, int... NV>
-constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
-  return {micro<R, NV + 1>...};
-}
-template <int... R>
-constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
-  return {row_of<R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
-}
-constexpr auto kMicro = table(std::make_integer_sequence<int, kMaxR>());
-
-// A register tile of C: rows by vectors. 6 x 2 (12 accumulators of the 16 AVX2
-// registers; two loads and six broadcasts a step) ran every product here fastest on a
-// 2-core AMD EPYC: 135-140 GFLOP/s in a 3x3 convolution against 95-105 for 3 x 4, 4 x 3
-// and 2 x 5 (benchmarks/conv_benchmark.py), 77 against 66 in attention's P V at d = 40.
+// A register tile of C: rows by vectors of VW floats, as many accumulators as the
+// registers allow with the B vectors and a broadcast beside them. AVX2 (16 registers):
+// 6 x 2 ran every product here fastest on a 2-core AMD EPYC: 135-140 GFLOP/s in a 3x3
+// convolution against 95-105 for 3 x 4, 4 x 3 and 2 x 5 (benchmarks/conv_benchmark.py),
+// 77 against 66 in attention's P V at d = 40. AVX-512 (32 registers), one core of a
+// Xeon, C (+)= A B with A 2016 x 576 (BENCHMARKS.md): 6 x 4 (64 columns) 146 GFLOP/s
+// against 121 for 12 x 2, 115 for 8 x 3, 134 for 4 x 4; 32 columns: 12 x 2 124
+// against 98 for 6 x 4; 16 columns: 14 x 1 97.
 struct Tile {
   int rows, vectors;
-  static Tile for_width(long n) {  // n: vectors in C's row
-    return n == 1 ? Tile{8, 1} : Tile{6, 2};
+  static constexpr Tile for_width(long n) {  // n: floats in C's row, a multiple of W
+#if defined(__AVX512F__)
+    return n >= 4 * VW ? Tile{6, 4} : n >= 2 * VW ? Tile{12, 2} : Tile{14, 1};
+#else
+    return n == W ? Tile{8, 1} : Tile{6, 2};
+#endif
   }
 };
+constexpr int kMaxR = 14, kMaxNV = 4;  // the tiles Tile::for_width picks, and their remainders
 
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of 8. B's columns come in panels of
+template <typename V, int R, int... NV>
+constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
+  return {micro<V, R, NV + 1>...};
+}
+template <typename V, int... R>
+constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
+  return {row_of<V, R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
+}
+template <int... R>
+constexpr std::array<Micro, kMaxR> half_table(std::integer_sequence<int, R...>) {
+  return {micro<v8, R + 1, 1>...};
+}
+// kMicro[rows - 1][vectors - 1] on VW-float vectors; kHalf[rows - 1]: one 8-float vector.
+constexpr auto kMicro = table<vf>(std::make_integer_sequence<int, kMaxR>());
+constexpr auto kHalf = half_table(std::make_integer_sequence<int, kMaxR>());
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of W. B's columns come in panels of
 // the tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major
 // matrix whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so
 // K, and a convolution's taps, are cut into slices of up to 16 KiB of B, which stay in a
@@ -143,22 +191,31 @@ inline void gemm(Tile t, long M, long N, long K, const float* A, long ars, long 
                  const float* B, long ldb, long panel, float* C, long ldc, bool accumulate,
                  const Taps& taps = Taps{}) {
   constexpr long kBudget = 16 << 10;
-  const long width = t.vectors * W;
+  const long width = t.vectors * VW;
   const long slice = std::max<long>(W, kBudget / (4 * width));
   const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1, taps.count);
   for (long j = 0; j < N; j += width) {
-    const int nv = static_cast<int>(std::min<long>(t.vectors, (N - j) / W));
+    const long cols = std::min(width, N - j);
+    const int nv = static_cast<int>(cols / VW);
+    const bool half = cols % VW != 0;  // 8 floats left (VW = 16 only)
     const float* b = panel ? B + j / width * panel : B + j;
     for (long g0 = 0; g0 < taps.count; g0 += group) {
       const Taps part{static_cast<int>(std::min<long>(group, taps.count - g0)),
                       taps.a_offset ? taps.a_offset + g0 : nullptr, taps.b_stride};
       const float* bg = b + g0 * taps.b_stride;
+      const bool acc = accumulate || g0 > 0;
       for (long k0 = 0; k0 < K; k0 += slice) {
         const long kn = std::min(slice, K - k0);
         for (long i = 0; i < M; i += t.rows) {
           const int r = static_cast<int>(std::min<long>(t.rows, M - i));
-          kMicro[r - 1][nv - 1](kn, A + i * ars + k0 * acs, ars, acs, bg + k0 * ldb, ldb,
-                                C + i * ldc + j, ldc, accumulate || g0 > 0 || k0 > 0, part);
+          const float* a = A + i * ars + k0 * acs;
+          float* c = C + i * ldc + j;
+          if (nv > 0)
+            kMicro[r - 1][nv - 1](kn, a, ars, acs, bg + k0 * ldb, ldb, c, ldc, acc || k0 > 0,
+                                  part);
+          if (half)
+            kHalf[r - 1](kn, a, ars, acs, bg + k0 * ldb + nv * VW, ldb, c + nv * VW, ldc,
+                         acc || k0 > 0, part);
         }
       }
     }

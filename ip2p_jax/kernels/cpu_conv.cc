@@ -1,6 +1,6 @@
 // 3x3 convolutions, stride 1, padding 1, NHWC / HWIO, float32, as XLA FFI handlers:
-// ``ip2p_conv3x3`` (the forward, and the input gradient as the forward with the kernel
-// flipped and transposed) and ``ip2p_conv3x3_filter`` (the kernel gradient).
+// ``ip2p_conv3x3`` (the forward, and with ``flip`` the input gradient: the forward with
+// the kernel flipped and transposed) and ``ip2p_conv3x3_filter`` (the kernel gradient).
 // Leading axes are groups under vmap: images ``[..., H, W, C]`` (all leading axes one
 // batch) split evenly over the kernels ``[..., 3, 3, Cin, Cout]``.
 //
@@ -76,35 +76,64 @@ ffi::Error check(const Image& s, long out_channels, long groups) {
   return ffi::Error::Success();
 }
 
+// With ``flip`` the kernel is given as a forward's, [..., 3, 3, Cout, Cin], and used
+// flipped and transposed (the input gradient's kernel), rearranged here once a call:
+// XLA's transpose of it ran at a quarter of a GB/s.
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                ffi::ResultBuffer<ffi::F32> y) {
+                ffi::ResultBuffer<ffi::F32> y, bool flip) {
   const Image s = image_of(x);
-  const long cout = w.dimensions().back(), pw = s.padded_width();
-  const long groups = groups_of(w.dimensions()), kernel = 9 * s.channels * cout;
+  auto wd = w.dimensions();
+  const long cout = flip ? wd[wd.size() - 2] : wd.back(), pw = s.padded_width();
+  const long groups = groups_of(wd), kernel = 9 * s.channels * cout;
   if (y->element_count() == 0) return ffi::Error::Success();  // nothing to write
   if (auto e = check(s, cout, groups); e.failure()) return e;
+  if ((flip ? wd.back() : wd[wd.size() - 2]) != s.channels)
+    return ffi::Error::InvalidArgument("the kernel's input channels must be the image's");
+  std::unique_ptr<Scratch> flipped;
+  const float* wp = w.typed_data();
+  if (flip) {  // flipped[g][t][ci][co] = w[g][8 - t][co][ci]
+    flipped = std::make_unique<Scratch>(groups * kernel, false);
+    float* f = flipped->data();
+    parallel_for(pool, groups * 9, [&](long gt) {
+      const float* src = wp + (gt / 9 * 9 + 8 - gt % 9) * kernel / 9;
+      float* dst = f + gt * (kernel / 9);
+      for (long co0 = 0; co0 < cout; co0 += W)  // 8 x 8 blocks: both sides in cache lines
+        for (long ci = 0; ci < s.channels; ++ci)
+          for (long co = co0; co < co0 + W; ++co) dst[ci * cout + co] = src[co * s.channels + ci];
+    });
+    wp = f;
+  }
   const long per_group = s.batch / groups;
-  const Tile tile = Tile::for_width(cout / W);
-  // Row chunks: enough tasks for every thread, a chunk at least a few rows tall.
+  const Tile tile = Tile::for_width(cout);
+  // Tasks: (image, block of output channels, chunk of rows), enough for every thread.
+  // Few images split their output channels first (each task then reads only its block
+  // of the filter: small images of many channels read the whole filter per few rows
+  // otherwise), then their rows (a chunk at least a few rows tall).
   const long want = 4 * std::max<long>(pool.num_threads(), 1);
-  const long chunks = std::min(s.height, std::max<long>(1, (want + s.batch - 1) / s.batch));
+  const long width = tile.vectors * VW, widths = (cout + width - 1) / width;
+  const long blocks = std::min(widths, std::max<long>(1, (want + s.batch - 1) / s.batch));
+  const long block = (widths + blocks - 1) / blocks * width;
+  const long chunks =
+      std::min(s.height, std::max<long>(1, (want + s.batch * blocks - 1) / (s.batch * blocks)));
   const long rows = (s.height + chunks - 1) / chunks;
   const auto off = tap_offsets(s);
-  const float *xp = x.typed_data(), *wp = w.typed_data();
+  const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  parallel_for(pool, s.batch * chunks, [&](long task) {
-    const long n = task / chunks, y0 = task % chunks * rows;
-    const long y1 = std::min(s.height, y0 + rows);
-    if (y0 >= y1) return;
+  parallel_for(pool, s.batch * blocks * chunks, [&](long task) {
+    const long n = task / (blocks * chunks), c0 = task / chunks % blocks * block;
+    const long y0 = task % chunks * rows, y1 = std::min(s.height, y0 + rows);
+    const long nc = std::min(block, cout - c0);
+    if (y0 >= y1 || nc <= 0) return;
     Scratch pad(s.padded_pixels(y1 - y0) * s.channels, false),
-        out((y1 - y0) * pw * cout, false);  // pad_rows and the product write all of them
+        out((y1 - y0) * pw * nc, false);  // pad_rows and the product write all of them
     pad_rows(s, xp, n, y0, y1, pad.data());
-    gemm(tile, (y1 - y0) * pw, cout, s.channels, pad.data(), s.channels, 1,
-         wp + n / per_group * kernel, cout, 0, out.data(), cout, false,
+    gemm(tile, (y1 - y0) * pw, nc, s.channels, pad.data(), s.channels, 1,
+         wp + n / per_group * kernel + c0, cout, 0, out.data(), nc, false,
          Taps{9, off.data(), s.channels * cout});
     for (long yy = y0; yy < y1; ++yy)
-      std::memcpy(yp + ((n * s.height + yy) * s.width) * cout,
-                  out.data() + (yy - y0) * pw * cout, s.width * cout * sizeof(float));
+      for (long xx = 0; xx < s.width; ++xx)
+        std::memcpy(yp + ((n * s.height + yy) * s.width + xx) * cout + c0,
+                    out.data() + ((yy - y0) * pw + xx) * nc, nc * sizeof(float));
   });
   return ffi::Error::Success();
 }
@@ -122,7 +151,7 @@ ffi::Error Filter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     std::fill(wp, wp + groups * 9 * cin * cout, 0.0f);
     return ffi::Error::Success();
   }
-  const Tile tile = Tile::for_width(cout / W);
+  const Tile tile = Tile::for_width(cout);
   const long pixels = s.height * pw, image_floats = s.padded_pixels(s.height) * cin;
   const float *xp = x.typed_data(), *gp = dy.typed_data();
   // Every image padded once; dy laid out over the padded width with zero junk columns.
@@ -159,7 +188,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pConv3x3, Conv,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("flip"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pConv3x3Filter, Filter,
                               ffi::Ffi::Bind()
@@ -167,3 +197,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pConv3x3Filter, Filter,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The vector width the products were built with (build.vector_width).
+extern "C" int ip2p_vector_width() { return ip2p::VW; }

@@ -1,12 +1,14 @@
 """3x3 convolutions (stride 1, padding 1) on the CPU as C++ kernels behind XLA's FFI
 (``cpu_conv.cc``).
 
-XLA:CPU's convolutions run at 60-80 GFLOP/s on two cores where a layer writes 64 channels
-or fewer, about half of PyTorch's (oneDNN), and their gradients slower still; these run
-at 125-150 there. Where a layer writes 128 channels or more XLA's forward is as fast or
-faster, and these kernels' gradients still faster (benchmarks/conv_benchmark.py,
-BENCHMARKS.md). So :func:`plan` gives layers writing at most :data:`MAX_OUT_CHANNELS` the
-kernel both ways, and wider ones XLA's forward with the kernels' gradients. The input
+XLA:CPU's convolutions run at 60-80 GFLOP/s on two AVX2 cores where a layer writes 64
+channels or fewer, about half of PyTorch's (oneDNN), and their gradients slower still;
+these run at 125-150 there. Where a layer writes 128 channels or more XLA's forward is as
+fast or faster on AVX2 and these kernels' gradients still faster; built for AVX-512 (16
+floats a vector) they run at 210-290 GFLOP/s, 0.5-0.9 of XLA's forward time at every
+width (benchmarks/conv_benchmark.py, BENCHMARKS.md). So :func:`plan` gives a layer the
+kernel both ways, except on an 8-float build where it writes more than
+:data:`MAX_OUT_CHANNELS_8` channels: XLA's forward with the kernels' gradients. The input
 gradient is the convolution kernel on the flipped, transposed filter; the filter
 gradient is a kernel of its own. Built and registered by :mod:`ip2p_jax.kernels.build`.
 """
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 from ip2p_jax.kernels import build
 
 CONV, FILTER = "ip2p_conv3x3", "ip2p_conv3x3_filter"
-MAX_OUT_CHANNELS = 64  # wider, XLA's forward is as fast or faster (BENCHMARKS.md)
+# Wider, XLA's forward is as fast or faster than an 8-float (AVX2) build's (BENCHMARKS.md).
+MAX_OUT_CHANNELS_8 = 64
 
 
 def plan(x: jax.Array, kernel: jax.Array, strides, padding) -> str | None:
@@ -36,7 +39,7 @@ def plan(x: jax.Array, kernel: jax.Array, strides, padding) -> str | None:
           and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
           and cin % 8 == 0 and cout % 8 == 0):
     return None
-  return "kernel" if cout <= MAX_OUT_CHANNELS else "gradients"
+  return "kernel" if cout <= MAX_OUT_CHANNELS_8 or build.vector_width() >= 16 else "gradients"
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, *, xla_forward: bool = False) -> jax.Array:
@@ -61,9 +64,11 @@ def _xla(x, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _call(x, kernel):
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype)
-  return jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel)
+def _call(x, kernel, flip=False):
+  """``flip``: convolve with ``kernel`` flipped and its channels swapped (the input
+  gradient), rearranged inside the call."""
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[-2 if flip else -1],), x.dtype)
+  return jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel, flip=flip)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -78,7 +83,7 @@ def _conv_forward(xla_forward, x, kernel):
 def _conv_backward(xla_forward, residuals, dy):
   del xla_forward
   x, kernel = residuals
-  dx = _call(dy, jnp.swapaxes(jnp.flip(kernel, (0, 1)), 2, 3))
+  dx = _call(dy, kernel, flip=True)
   dw = jax.ffi.ffi_call(FILTER, jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
                         vmap_method="broadcast_all")(x, dy)
   return dx, dw
