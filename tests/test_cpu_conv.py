@@ -47,7 +47,8 @@ def kernel_built():
 # (batch, height, width, in, out): square and not, one pixel, one row, one column, odd
 # sizes; channels 8-192, in != out both ways (8-128 floats out: every register tile of
 # the 8- and 16-float builds, 16- and 8-float remainders), more row chunks than images,
-# more images than chunks, output channels split over tasks (few small images, wide).
+# more images than chunks, output channels split over tasks (few small images, wide);
+# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros).
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),
@@ -60,6 +61,8 @@ CASES = [
     (2, 9, 11, 192, 64),
     (1, 6, 7, 16, 96),
     (1, 3, 3, 32, 136),
+    (2, 7, 6, 3, 32),
+    (1, 5, 4, 20, 4),
 ]
 
 
@@ -110,8 +113,9 @@ def _kernels_used(module, x):
     (128, 3, 1, 64, jnp.float32, None),            # wider: XLA's forward on AVX2 builds
     (32, 3, 2, 32, jnp.float32, (False, False)),   # stride 2 (downsampling)
     (32, 1, 1, 32, jnp.float32, (False, False)),   # 1x1
-    (32, 3, 1, 4, jnp.float32, (False, False)),    # 4 channels in (a VAE decoder's conv_in)
-    (4, 3, 1, 32, jnp.float32, (False, False)),    # 4 out (conv_out)
+    (32, 3, 1, 3, jnp.float32, (True, True)),      # an image's 3 channels in, padded to 8
+    (128, 3, 1, 4, jnp.float32, (False, True)),    # a latent's 4 in, many out: XLA forward
+    (4, 3, 1, 32, jnp.float32, (False, True)),     # 4 out (conv_out): XLA's forward
     (32, 3, 1, 32, jnp.bfloat16, (False, False)),
 ])
 def test_conv_layer_uses_the_kernels_where_they_apply_and_matches_flax(
@@ -157,13 +161,17 @@ def test_plan():
                        same) == "kernel"
   wide = "kernel" if build.vector_width() >= 16 else "gradients"
   assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 128)), (1, 1), same) == wide
+  assert cpu_conv.plan(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 32)), (1, 1),
+                       same) == "kernel"
+  assert cpu_conv.plan(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 4, 128)), (1, 1),
+                       same) == "gradients"
+  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 36)), (1, 1), same) == "gradients"
   assert cpu_conv.plan(x, k, (1, 1), "SAME") is None
   assert cpu_conv.plan(x, k, (1, 1), ((0, 0), (0, 0))) is None
   assert cpu_conv.plan(x, k, (2, 2), same) is None
-  assert cpu_conv.plan(x, jnp.zeros((3, 3, 16, 36)), (1, 1), same) is None
   assert cpu_conv.plan(x.astype(jnp.bfloat16), k, (1, 1), same) is None
-  with pytest.raises(ValueError, match="multiples of 8"):
-    cpu_conv.conv3x3(jnp.zeros((1, 4, 4, 12)), jnp.zeros((3, 3, 12, 8)))
+  with pytest.raises(ValueError, match="3x3 kernel"):
+    cpu_conv.conv3x3(jnp.zeros((1, 4, 4, 12)), jnp.zeros((3, 3, 8, 8)))
 
 
 NARROW = textwrap.dedent("""

@@ -29,33 +29,37 @@ MAX_OUT_CHANNELS_8 = 64
 def plan(x: jax.Array, kernel: jax.Array, strides, padding) -> str | None:
   """How a convolution runs: "kernel" (these kernels forward and backward), "gradients"
   (XLA's forward, these kernels' gradients) or None (XLA's, both ways). These kernels
-  take NHWC float32 input, a 3x3 HWIO float32 kernel, stride 1, padding 1 on every side
-  and channels in and out that are multiples of 8; nothing empty."""
+  take NHWC float32 input, a 3x3 HWIO float32 kernel, stride 1, padding 1 on every side;
+  nothing empty. Channels that are not multiples of 8 (an image's 3, a latent's 4) are
+  padded with zeros to the next one by :func:`conv3x3`."""
   if (isinstance(padding, str) or x.ndim != 4 or kernel.shape[:2] != (3, 3)
       or min(x.shape + kernel.shape) == 0):
     return None
   cin, cout = kernel.shape[-2:]
   if not (x.shape[-1] == cin and x.dtype == kernel.dtype == jnp.float32
-          and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-          and cin % 8 == 0 and cout % 8 == 0):
+          and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))):
     return None
-  return "kernel" if cout <= MAX_OUT_CHANNELS_8 or build.vector_width() >= 16 else "gradients"
+  # Where XLA's forward is as fast (measured, BENCHMARKS.md): layers writing many
+  # channels on an 8-float build, or a few channels in (padded to 8) and many out, or
+  # output channels that are not a multiple of 8 (padded, the kernel does 2-8x the work).
+  wide = cout > MAX_OUT_CHANNELS_8 and (build.vector_width() < 16 or cin % 8)
+  return "gradients" if wide or cout % 8 else "kernel"
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, *, xla_forward: bool = False) -> jax.Array:
   """``x [N, H, W, Cin]`` convolved with ``kernel [3, 3, Cin, Cout]``, stride 1, zero
   padding 1 (no bias), by the C++ kernel (``xla_forward``: by XLA's, the gradients still
   by the kernels); differentiable once (its own VJP), batched under ``vmap`` (images and
-  kernels both). Raises RuntimeError if the kernels are not available
-  (:func:`build.load`), ValueError for channels that are not multiples of 8."""
+  kernels both). Channels in or out that are not multiples of 8 are padded with zero
+  channels for the kernel (which add nothing) and cut off after: a VAE's 3-channel
+  ``conv_in`` runs ~4x XLA's speed that way. Raises RuntimeError if the kernels are not
+  available (:func:`build.load`), ValueError for other dtypes or kernel shapes."""
   if not build.load():
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS)")
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or kernel.shape[:2] != (3, 3) \
-      or x.shape[-1] != kernel.shape[2] or kernel.shape[2] % 8 or kernel.shape[3] % 8 \
-      or min(kernel.shape) == 0:
-    raise ValueError(f"the CPU convolution takes float32, a 3x3 kernel and channels that "
-                     f"are positive multiples of 8; got {x.dtype} {x.shape}, {kernel.dtype} "
-                     f"{kernel.shape}")
+      or x.shape[-1] != kernel.shape[2] or min(kernel.shape) == 0:
+    raise ValueError(f"the CPU convolution takes float32 and a 3x3 kernel with the image's "
+                     f"channels in; got {x.dtype} {x.shape}, {kernel.dtype} {kernel.shape}")
   return _conv(xla_forward, x, kernel)
 
 
@@ -64,11 +68,22 @@ def _xla(x, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _channels(x, multiple):
+  """``x`` with zero channels (last axis) up to a multiple of ``multiple``."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % multiple)])
+
+
 def _call(x, kernel, flip=False):
-  """``flip``: convolve with ``kernel`` flipped and its channels swapped (the input
-  gradient), rearranged inside the call."""
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[-2 if flip else -1],), x.dtype)
-  return jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel, flip=flip)
+  """The kernel's convolution; ``flip``: with ``kernel`` flipped and its channels swapped
+  (the input gradient), rearranged inside the call. Channels are padded to multiples of
+  8 around the call."""
+  cin, cout = kernel.shape[-2:]
+  kernel = _channels(jnp.swapaxes(_channels(jnp.swapaxes(kernel, -1, -2), 8), -1, -2), 8)
+  out_channels = cin if flip else cout
+  x = _channels(x, 8)
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (-out_channels % 8 + out_channels,), x.dtype)
+  y = jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel, flip=flip)
+  return y[..., :out_channels]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -84,9 +99,10 @@ def _conv_backward(xla_forward, residuals, dy):
   del xla_forward
   x, kernel = residuals
   dx = _call(dy, kernel, flip=True)
-  dw = jax.ffi.ffi_call(FILTER, jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
-                        vmap_method="broadcast_all")(x, dy)
-  return dx, dw
+  padded = kernel.shape[:-2] + tuple(-c % 8 + c for c in kernel.shape[-2:])
+  dw = jax.ffi.ffi_call(FILTER, jax.ShapeDtypeStruct(padded, kernel.dtype),
+                        vmap_method="broadcast_all")(_channels(x, 8), _channels(dy, 8))
+  return dx, dw[..., :kernel.shape[-2], :kernel.shape[-1]]
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
