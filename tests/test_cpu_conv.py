@@ -48,7 +48,8 @@ def kernel_built():
 # sizes; channels 8-192, in != out both ways (8-128 floats out: every register tile of
 # the 8- and 16-float builds, 16- and 8-float remainders), more row chunks than images,
 # more images than chunks, output channels split over tasks (few small images, wide);
-# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros).
+# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros). Images
+# of at most 64 pixels take the gathered (im2col) path, larger ones the stacked one.
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),
@@ -63,6 +64,7 @@ CASES = [
     (1, 3, 3, 32, 136),
     (2, 7, 6, 3, 32),
     (1, 5, 4, 20, 4),
+    (3, 9, 8, 64, 256),
 ]
 
 
@@ -78,11 +80,12 @@ def test_forward_and_gradients_equal_xla(n, h, w, cin, cout, xla_forward):
     close(got, expected)
 
 
-def test_vmap_over_images_and_over_kernels():
+@pytest.mark.parametrize("h,w", [(6, 5), (9, 11)])  # gathered (im2col) and stacked
+def test_vmap_over_images_and_over_kernels(h, w):
   """Batch editing maps the UNet over images (one kernel): the mapped axis joins the
   batch; mapping over kernels too (an ensemble) gives each image group its kernel.
   Values and gradients equal a loop over the mapped axis."""
-  x, kernel, g = operands(2, 6, 5, 16, 8, seed=1)
+  x, kernel, g = operands(2, h, w, 16, 8, seed=1)
   xs, gs = jnp.stack([x, -x, 2 * x]), jnp.stack([g, g, -g])
   kernels = jnp.stack([kernel, 2 * kernel, -kernel])
   for in_axes, ks in (((0, None), kernel), ((0, 0), kernels)):
@@ -180,7 +183,8 @@ NARROW = textwrap.dedent("""
     print("WIDTH", build.vector_width())
     rng = np.random.default_rng(0)
     errors = []
-    for n, h, w, cin, cout in [(1, 5, 9, 24, 8), (1, 1, 7, 8, 40), (2, 4, 5, 16, 128)]:
+    for n, h, w, cin, cout in [(1, 5, 9, 24, 8), (1, 1, 7, 8, 40), (2, 4, 5, 16, 128),
+                               (2, 9, 10, 16, 24)]:
       x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
       k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
       ref = lambda x, k: jax.lax.conv_general_dilated(

@@ -5,13 +5,13 @@
 // batch) split evenly over the kernels ``[..., 3, 3, Cin, Cout]``.
 //
 // XLA:CPU runs these at 60-80 GFLOP/s on two cores where the channels are 64 or fewer
-// (PyTorch's oneDNN: ~150; BENCHMARKS.md). Here an image is zero-padded to
-// (H + 2) x (W + 2) once, and the output is computed over the padded width (two junk
-// columns a row, dropped on the way out) so that every tap (dy, dx) reads the padded
-// input as one matrix with rows Cin apart, shifted by (dy (W + 2) + dx) pixels: the 9
-// taps are one product of cpu_common.h's ``gemm`` with its accumulators held in
-// registers across all of them. The kernel gradient is 9 products ``x_t^T dy`` over
-// the padded pixels (the junk columns of dy are zero).
+// (PyTorch's oneDNN: ~150; BENCHMARKS.md). Here the images are zero-padded once into one
+// stack (stack_images), and the output is computed over the padded width (two junk
+// columns a row and one junk row an image, dropped on the way out) so that every tap
+// (dy, dx) reads the stack as one matrix with rows Cin apart, shifted by
+// (dy (W + 2) + dx) pixels: the 9 taps are one product of cpu_common.h's ``gemm`` with
+// its accumulators held in registers across all of them. The kernel gradient is 9
+// products ``x_t^T dy`` over the stacked pixels (dy's junk rows and columns are zero).
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -28,9 +28,8 @@ using namespace ip2p;
 struct Image {
   long batch, height, width, channels;  // batch: every image, all groups
   long padded_width() const { return width + 2; }
-  // The padded image's pixels, plus a row of slack: the junk outputs of the last row
-  // read up to two pixels past the padded image.
-  long padded_pixels(long rows) const { return (rows + 3) * padded_width(); }
+  // Rows of the stack (stack_images): an image's H rows and the zero row above it.
+  long stacked_rows(long images) const { return images * (height + 1); }
 };
 
 Image image_of(ffi::Buffer<ffi::F32>& x) {
@@ -48,14 +47,27 @@ long groups_of(ffi::Span<const int64_t> d) {
   return g;
 }
 
-// Rows [y0 - 1, y1 + 1) of image n, zero outside it, into ``pad`` as
-// [(y1 - y0 + 2) x (W + 2)] pixels of C channels.
-void pad_rows(const Image& s, const float* x, long n, long y0, long y1, float* pad) {
-  const long pw = s.padded_width(), c = s.channels;
-  std::fill(pad, pad + s.padded_pixels(y1 - y0) * c, 0.0f);
-  for (long y = std::max(0L, y0 - 1); y < std::min(s.height, y1 + 1); ++y)
-    std::memcpy(pad + ((y - y0 + 1) * pw + 1) * c, x + ((n * s.height + y) * s.width) * c,
-                s.width * c * sizeof(float));
+// Every image zero-padded and stacked into one matrix of pixels (rows of ``channels``
+// floats): image n takes stacked rows [n (H + 1), (n + 1)(H + 1)), a zero row (its top
+// padding and the bottom padding of the image before) then its H rows, each W + 2 pixels
+// with a zero pixel at either end; three zero rows close the stack (the last image's
+// bottom padding, and slack: the junk outputs of the last row read two pixels past it).
+// Computed over the stack, a product's rows are output pixels of every image at once
+// (one junk row an image, two junk columns a row), so a small image does not read the
+// whole filter for its few pixels.
+void stack_images(ffi::ThreadPool& pool, const Image& s, const float* x, float* stack) {
+  const long pw = s.padded_width(), c = s.channels, rows = s.stacked_rows(s.batch);
+  parallel_for(pool, s.batch, [&](long n) {
+    float* image = stack + s.stacked_rows(n) * pw * c;
+    std::fill(image, image + pw * c, 0.0f);
+    for (long y = 0; y < s.height; ++y) {
+      float* row = image + (y + 1) * pw * c;
+      std::fill(row, row + c, 0.0f);
+      std::memcpy(row + c, x + ((n * s.height + y) * s.width) * c, s.width * c * sizeof(float));
+      std::fill(row + (pw - 1) * c, row + pw * c, 0.0f);
+    }
+  });
+  std::fill(stack + rows * pw * c, stack + (rows + 3) * pw * c, 0.0f);
 }
 
 // The taps' offsets into a padded image, in floats.
@@ -64,6 +76,47 @@ std::array<long, 9> tap_offsets(const Image& s) {
   for (long t = 0; t < 9; ++t) off[t] = (t / 3 * s.padded_width() + t % 3) * s.channels;
   return off;
 }
+
+// Images of at most this many pixels gather their 3x3 neighbourhoods (im2col) instead:
+// stacked, a 4 x 4 image computes 5 x 6 outputs for its 16 and an 8 x 8 one 9 x 10 for 64.
+constexpr long kIm2colPixels = 64;
+
+// Every pixel's 3x3 neighbourhood as a row of 9 C floats, tap-major (zeros outside the
+// image): ``cols [batch H W][9 C]``, so that the convolution is one product with the
+// kernel read as a [9 C, Cout] matrix.
+void im2col(ffi::ThreadPool& pool, const Image& s, const float* x, float* cols) {
+  const long c = s.channels, h = s.height, w = s.width;
+  parallel_for(pool, s.batch, [&](long n) {
+    for (long y = 0; y < h; ++y)
+      for (long xx = 0; xx < w; ++xx) {
+        float* row = cols + ((n * h + y) * w + xx) * 9 * c;
+        for (long t = 0; t < 9; ++t) {
+          const long sy = y + t / 3 - 1, sx = xx + t % 3 - 1;
+          if (sy < 0 || sy >= h || sx < 0 || sx >= w)
+            std::fill(row + t * c, row + (t + 1) * c, 0.0f);
+          else
+            std::memcpy(row + t * c, x + ((n * h + sy) * w + sx) * c, c * sizeof(float));
+        }
+      }
+  });
+}
+
+// Tasks for a product over ``rows`` rows a kernel and ``cout`` columns: (kernel, block of
+// output channels, chunk of rows), enough for every thread. Few rows split their output
+// channels first (each task then reads only its block of the filter), then their rows.
+struct Split {
+  long blocks, block, chunks, chunk;
+  Split(ffi::ThreadPool& pool, Tile tile, long groups, long rows, long cout) {
+    const long want = 4 * std::max<long>(pool.num_threads(), 1);
+    const long width = tile.vectors * VW, widths = (cout + width - 1) / width;
+    blocks = std::clamp<long>(want * 512 / std::max<long>(groups * rows, 1), 1,
+                              std::min(widths, want));
+    block = (widths + blocks - 1) / blocks * width;
+    chunks = std::min(rows, std::max<long>(1, (want + groups * blocks - 1) / (groups * blocks)));
+    chunk = (rows + chunks - 1) / chunks;
+  }
+  long tasks(long groups) const { return groups * blocks * chunks; }
+};
 
 ffi::Error check(const Image& s, long out_channels, long groups) {
   if (s.channels % W != 0 || out_channels % W != 0 || s.channels == 0 || out_channels == 0)
@@ -105,35 +158,47 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   }
   const long per_group = s.batch / groups;
   const Tile tile = Tile::for_width(cout);
-  // Tasks: (image, block of output channels, chunk of rows), enough for every thread.
-  // Few images split their output channels first (each task then reads only its block
-  // of the filter: small images of many channels read the whole filter per few rows
-  // otherwise), then their rows (a chunk at least a few rows tall).
-  const long want = 4 * std::max<long>(pool.num_threads(), 1);
-  const long width = tile.vectors * VW, widths = (cout + width - 1) / width;
-  const long blocks = std::min(widths, std::max<long>(1, (want + s.batch - 1) / s.batch));
-  const long block = (widths + blocks - 1) / blocks * width;
-  const long chunks =
-      std::min(s.height, std::max<long>(1, (want + s.batch * blocks - 1) / (s.batch * blocks)));
-  const long rows = (s.height + chunks - 1) / chunks;
-  const auto off = tap_offsets(s);
-  const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  parallel_for(pool, s.batch * blocks * chunks, [&](long task) {
-    const long n = task / (blocks * chunks), c0 = task / chunks % blocks * block;
-    const long y0 = task % chunks * rows, y1 = std::min(s.height, y0 + rows);
-    const long nc = std::min(block, cout - c0);
-    if (y0 >= y1 || nc <= 0) return;
-    Scratch pad(s.padded_pixels(y1 - y0) * s.channels, false),
-        out((y1 - y0) * pw * nc, false);  // pad_rows and the product write all of them
-    pad_rows(s, xp, n, y0, y1, pad.data());
-    gemm(tile, (y1 - y0) * pw, nc, s.channels, pad.data(), s.channels, 1,
-         wp + n / per_group * kernel + c0, cout, 0, out.data(), nc, false,
+  if (s.height * s.width <= kIm2colPixels) {
+    const long rows = per_group * s.height * s.width, k = 9 * s.channels;
+    Scratch cols(s.batch * s.height * s.width * k, false);
+    im2col(pool, s, x.typed_data(), cols.data());
+    const Split split(pool, tile, groups, rows, cout);
+    parallel_for(pool, split.tasks(groups), [&](long task) {
+      const long g = task / (split.blocks * split.chunks);
+      const long c0 = task / split.chunks % split.blocks * split.block;
+      const long r0 = task % split.chunks * split.chunk, r1 = std::min(rows, r0 + split.chunk);
+      const long nc = std::min(split.block, cout - c0);
+      if (r0 >= r1 || nc <= 0) return;
+      gemm(tile, r1 - r0, nc, k, cols.data() + (g * rows + r0) * k, k, 1, wp + g * kernel + c0,
+           cout, 0, yp + (g * rows + r0) * cout + c0, cout, false);
+    });
+    return ffi::Error::Success();
+  }
+  const long rows = s.stacked_rows(per_group);
+  const Split split(pool, tile, groups, rows * pw, cout);
+  const long chunk = (rows + split.chunks - 1) / split.chunks;  // in stacked rows
+  Scratch stack((s.stacked_rows(s.batch) + 3) * pw * s.channels, false);
+  stack_images(pool, s, x.typed_data(), stack.data());
+  const auto off = tap_offsets(s);
+  parallel_for(pool, split.tasks(groups), [&](long task) {
+    const long g = task / (split.blocks * split.chunks);
+    const long c0 = task / split.chunks % split.blocks * split.block;
+    const long r0 = task % split.chunks * chunk, r1 = std::min(rows, r0 + chunk);
+    const long nc = std::min(split.block, cout - c0);
+    if (r0 >= r1 || nc <= 0) return;
+    Scratch out((r1 - r0) * pw * nc, false);  // the product writes all of it
+    gemm(tile, (r1 - r0) * pw, nc, s.channels,
+         stack.data() + (g * rows + r0) * pw * s.channels, s.channels, 1,
+         wp + g * kernel + c0, cout, 0, out.data(), nc, false,
          Taps{9, off.data(), s.channels * cout});
-    for (long yy = y0; yy < y1; ++yy)
+    for (long r = r0; r < r1; ++r) {
+      const long n = g * per_group + r / (s.height + 1), yy = r % (s.height + 1);
+      if (yy == s.height) continue;  // the junk row under each image
       for (long xx = 0; xx < s.width; ++xx)
         std::memcpy(yp + ((n * s.height + yy) * s.width + xx) * cout + c0,
-                    out.data() + ((yy - y0) * pw + xx) * nc, nc * sizeof(float));
+                    out.data() + ((r - r0) * pw + xx) * nc, nc * sizeof(float));
+    }
   });
   return ffi::Error::Success();
 }
@@ -152,31 +217,44 @@ ffi::Error Filter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     return ffi::Error::Success();
   }
   const Tile tile = Tile::for_width(cout);
-  const long pixels = s.height * pw, image_floats = s.padded_pixels(s.height) * cin;
-  const float *xp = x.typed_data(), *gp = dy.typed_data();
-  // Every image padded once; dy laid out over the padded width with zero junk columns.
-  Scratch pads(s.batch * image_floats, false), grads(s.batch * pixels * cout, false);
+  const long threads = std::max<long>(pool.num_threads(), 1);
+  if (s.height * s.width <= kIm2colPixels) {  // dw [9 Cin, Cout] = cols^T dy
+    const long pixels = per_group * s.height * s.width, k = 9 * cin;
+    Scratch cols(s.batch * s.height * s.width * k, false);
+    im2col(pool, s, x.typed_data(), cols.data());
+    const long block = round_up((k + 4 * threads - 1) / (4 * threads), W), blocks = (k + block - 1) / block;
+    parallel_for(pool, groups * blocks, [&](long task) {
+      const long g = task / blocks, r0 = task % blocks * block, rb = std::min(block, k - r0);
+      gemm(tile, rb, cout, pixels, cols.data() + g * pixels * k + r0, 1, k,
+           dy.typed_data() + g * pixels * cout, cout, 0, wp + (g * k + r0) * cout, cout, false);
+    });
+    return ffi::Error::Success();
+  }
+  const long rows = s.stacked_rows(per_group), all_rows = s.stacked_rows(s.batch);
+  // The images stacked as the forward reads them, and dy laid out like the forward's
+  // output over the stack, zero in its junk rows and columns.
+  Scratch stack((all_rows + 3) * pw * cin, false), grads(all_rows * pw * cout, false);
+  stack_images(pool, s, x.typed_data(), stack.data());
+  const float* gp = dy.typed_data();
   parallel_for(pool, s.batch, [&](long n) {
-    pad_rows(s, xp, n, 0, s.height, pads.data() + n * image_floats);
-    float* g = grads.data() + n * pixels * cout;
+    float* g = grads.data() + s.stacked_rows(n) * pw * cout;
     for (long yy = 0; yy < s.height; ++yy) {
       std::memcpy(g + yy * pw * cout, gp + ((n * s.height + yy) * s.width) * cout,
                   s.width * cout * sizeof(float));
       std::fill(g + (yy * pw + s.width) * cout, g + (yy + 1) * pw * cout, 0.0f);
     }
+    std::fill(g + s.height * pw * cout, g + (s.height + 1) * pw * cout, 0.0f);
   });
   // Tasks: (kernel, tap, block of input channels), each owning its rows of dw.
   const auto off = tap_offsets(s);
-  const long threads = std::max<long>(pool.num_threads(), 1);
   const long split = std::clamp<long>((8 * threads + 8) / 9, 1, cin / W);
   const long block = (cin + split - 1) / split, blocks = (cin + block - 1) / block;
   parallel_for(pool, groups * 9 * blocks, [&](long task) {
     const long g = task / (9 * blocks), t = task / blocks % 9, c0 = task % blocks * block;
     const long cb = std::min(block, cin - c0);
-    float* out = wp + ((g * 9 + t) * cin + c0) * cout;
-    for (long n = g * per_group; n < (g + 1) * per_group; ++n)
-      gemm(tile, cb, cout, pixels, pads.data() + n * image_floats + off[t] + c0, 1, cin,
-           grads.data() + n * pixels * cout, cout, 0, out, cout, n > g * per_group);
+    gemm(tile, cb, cout, rows * pw, stack.data() + g * rows * pw * cin + off[t] + c0, 1, cin,
+         grads.data() + g * rows * pw * cout, cout, 0, wp + ((g * 9 + t) * cin + c0) * cout,
+         cout, false);
   });
   return ffi::Error::Success();
 }
