@@ -66,10 +66,13 @@ def best_of(fn, repeats: int, clock=time.perf_counter) -> float:
 
 def best_of_both(ours, theirs, repeats: int) -> tuple[float, float]:
   """The least time of ``repeats`` calls of each, the calls alternating (ours, theirs,
-  ours, ...) so that a slower or faster spell of the machine falls on both."""
+  ours, ...) so that a slower or faster spell of the machine falls on both; a pause
+  before each call lets the other's idle pool threads (XLA's spin before they sleep)
+  leave the cores."""
   times = ([], [])
   for _ in range(repeats):
     for fn, out in zip((ours, theirs), times):
+      time.sleep(0.5)
       t = time.perf_counter()
       fn()
       out.append(time.perf_counter() - t)

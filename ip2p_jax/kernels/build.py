@@ -42,6 +42,8 @@ TARGETS = {
     "ip2p_flash_backward": "Ip2pFlashBackward",
     "ip2p_conv3x3": "Ip2pConv3x3",
     "ip2p_conv3x3_filter": "Ip2pConv3x3Filter",
+    "ip2p_norm_forward": "Ip2pNormForward",
+    "ip2p_norm_backward": "Ip2pNormBackward",
 }
 
 _lock = threading.Lock()

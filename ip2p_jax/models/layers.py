@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax import sharding as ax
-from ip2p_jax.kernels import build as kernels, cpu_attention, cpu_conv
+from ip2p_jax.kernels import build as kernels, cpu_attention, cpu_conv, cpu_norm
 
 Dtype = Any
 
@@ -107,10 +107,11 @@ class GroupNorm(nn.Module):
   numerics, not E[x^2]-E[x]^2), statistics in float32; parameters ``scale`` and
   ``bias`` as flax's ``nn.GroupNorm``.
 
-  The statistics are summed per channel first and then per group, so the activation
-  is only ever broadcast along its channel axis. Flax's reshape to
-  ``[..., groups, channels // groups]`` costs XLA:CPU index arithmetic on every element:
-  this form runs 2-4x faster forward and backward there (BENCHMARKS.md, profile)."""
+  On CPU (float32, the kernels built) it runs :mod:`ip2p_jax.kernels.cpu_norm`'s C++
+  kernel, forward and backward. Elsewhere the statistics are summed per channel first
+  and then per group, so the activation is only ever broadcast along its channel axis:
+  flax's reshape to ``[..., groups, channels // groups]`` costs XLA:CPU index
+  arithmetic on every element (this form ran 2-4x faster there; BENCHMARKS.md)."""
   num_groups: int
   epsilon: float
   dtype: Dtype = jnp.float32
@@ -125,6 +126,10 @@ class GroupNorm(nn.Module):
     bias = self.param("bias", ax.partitioned(nn.initializers.zeros_init(), (ax.NORM,)),
                       (c,), self.param_dtype)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if x.ndim >= 2 and cpu_norm.takes(x, scale, self.num_groups):
+      flat = x.reshape(x.shape[0], -1, c)
+      y = cpu_norm.normalize(flat, scale, bias, self.num_groups, self.epsilon)
+      return y.reshape(x.shape).astype(self.dtype)
     axes = tuple(range(1, x.ndim - 1))
     count = per_group * math.prod(x.shape[1:-1])
     per_channel = (x.shape[0],) + (1,) * len(axes) + (c,)
@@ -140,12 +145,35 @@ class GroupNorm(nn.Module):
 
 
 def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-      scale_init=ax.partitioned(nn.initializers.ones_init(), (ax.NORM,)),
-      bias_init=ax.partitioned(nn.initializers.zeros_init(), (ax.NORM,)),
-      name=name)
+               param_dtype: Dtype = jnp.float32, name: str | None = None) -> "LayerNorm":
+  return LayerNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm (Ba et al. 2016) over the last axis, two-pass variance; the parameters,
+  their init and numerics of flax's ``nn.LayerNorm(use_fast_variance=False)``. On CPU
+  (float32, the kernels built) the C++ kernel of :mod:`ip2p_jax.kernels.cpu_norm`
+  (one group, one pixel a token): XLA:CPU materialised the scale at the activation's
+  size for every layer norm of a transformer block."""
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", ax.partitioned(nn.initializers.ones_init(), (ax.NORM,)),
+                       (c,), self.param_dtype)
+    bias = self.param("bias", ax.partitioned(nn.initializers.zeros_init(), (ax.NORM,)),
+                      (c,), self.param_dtype)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if cpu_norm.takes(x, scale, 1):
+      y = cpu_norm.normalize(x.reshape(-1, 1, c), scale, bias, 1, self.epsilon)
+      return y.reshape(x.shape).astype(self.dtype)
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
 
 
 def gelu(x: jax.Array) -> jax.Array:

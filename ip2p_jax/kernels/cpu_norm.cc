@@ -1,0 +1,274 @@
+// Group normalisation (Wu & He 2018) and, as its one-pixel one-group case, layer
+// normalisation (Ba et al. 2016), float32, as XLA FFI handlers: ``ip2p_norm_forward``
+// and ``ip2p_norm_backward``.
+//
+// Layout: x ``[..., P, C]``, every leading axis one batch axis B; the statistics of
+// sample b and group g run over its P pixels and the C / G channels of the group;
+// ``scale`` and ``bias`` ``[..., C]`` (leading axes: sets of parameters, the batch split
+// evenly over them, as vmap over a model ensemble gives). The forward returns y and
+// each (b, g)'s mean and 1 / sqrt(var + eps) ``[..., G]``; the variance is two-pass
+// (PyTorch's numerics), its sums in float over blocks of 64 pixels and in double across. XLA:CPU computed these as separate
+// reductions and broadcasts, each a pass over the activation on one thread; here a
+// sample is three passes (sums, centred squares, output) forward and two backward, the
+// samples split over XLA's intra-op pool.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace ip2p;
+
+struct Norm {
+  long batch, pixels, channels, groups, sets;
+  long per_group() const { return channels / groups; }
+  double count() const { return static_cast<double>(pixels) * per_group(); }
+};
+
+Norm norm_of(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& scale, long groups) {
+  auto d = x.dimensions();
+  const long r = d.size();
+  long batch = 1;
+  for (long i = 0; i + 2 < r; ++i) batch *= d[i];
+  const long c = d[r - 1];
+  return Norm{batch, d[r - 2], c, groups, c ? static_cast<long>(scale.element_count()) / c : 0};
+}
+
+ffi::Error check(const Norm& n, ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias) {
+  if (n.groups <= 0 || n.channels % n.groups != 0)
+    return ffi::Error::InvalidArgument(std::to_string(n.channels) +
+                                       " channels do not split into " +
+                                       std::to_string(n.groups) + " groups");
+  if (scale.element_count() != bias.element_count() || n.sets == 0 ||
+      scale.element_count() != n.sets * n.channels || n.batch % n.sets != 0)
+    return ffi::Error::InvalidArgument("scale and bias must be [..., C] and split the batch");
+  return ffi::Error::Success();
+}
+
+// body(b0, b1) over chunks of the samples, a few chunks per thread (a layer norm has a
+// sample per token: one task each would cost more than its work).
+template <typename F>
+void for_samples(ffi::ThreadPool& pool, long batch, const F& body) {
+  const long chunks = std::min<long>(batch, 4 * std::max<long>(pool.num_threads(), 1));
+  const long chunk = (batch + chunks - 1) / chunks;
+  parallel_for(pool, chunks, [&](long i) { body(i * chunk, std::min(batch, (i + 1) * chunk)); });
+}
+
+// out[c] = sum over the sample's pixels of f(p, c), in float across blocks of 64 pixels
+// (vectorised) and in double across blocks.
+template <typename F>
+void channel_sums(const Norm& n, float* block, double* out, const F& f) {
+  std::fill(out, out + n.channels, 0.0);
+  for (long p0 = 0; p0 < n.pixels; p0 += 64) {
+    std::fill(block, block + n.channels, 0.0f);
+    for (long p = p0; p < std::min(n.pixels, p0 + 64); ++p)
+      for (long c = 0; c < n.channels; ++c) block[c] += f(p, c);
+    for (long c = 0; c < n.channels; ++c) out[c] += block[c];
+  }
+}
+
+// Per channel: the group's mean of a per-channel sum (over the group's channels and the
+// sample's pixels).
+void group_means(const Norm& n, const double* sums, float* out) {
+  const long k = n.per_group();
+  for (long g = 0; g < n.groups; ++g) {
+    double s = 0;
+    for (long c = g * k; c < (g + 1) * k; ++c) s += sums[c];
+    std::fill(out + g * k, out + (g + 1) * k, static_cast<float>(s / n.count()));
+  }
+}
+
+// Layer norm (one pixel, one group): a row of C floats a sample, its sums in float.
+void layer_norm_rows(const Norm& n, const float* x, const float* gamma, const float* beta,
+                     float eps, long b0, long b1, float* y, float* mean, float* rstd) {
+  const long c = n.channels;
+  for (long b = b0; b < b1; ++b) {
+    const float* row = x + b * c;
+    float s = 0, q = 0;
+    for (long i = 0; i < c; ++i) s += row[i];
+    const float mu = s / c;
+    for (long i = 0; i < c; ++i) q += (row[i] - mu) * (row[i] - mu);
+    const float r = 1.0f / std::sqrt(q / c + eps);
+    float* out = y + b * c;
+    for (long i = 0; i < c; ++i) out[i] = (row[i] - mu) * (gamma[i] * r) + beta[i];
+    mean[b] = mu;
+    rstd[b] = r;
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                   int64_t groups, float eps) {
+  const Norm n = norm_of(x, scale, groups);
+  if (x.element_count() == 0) return ffi::Error::Success();
+  if (auto e = check(n, scale, bias); e.failure()) return e;
+  const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
+  float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+  const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
+  if (n.pixels == 1 && n.groups == 1) {
+    for_samples(pool, n.batch, [&](long b0, long b1) {
+      for (long b = b0; b < b1;) {  // runs of samples that share parameters
+        const long e = std::min(b1, (b / per_set + 1) * per_set), set = b / per_set;
+        layer_norm_rows(n, xp, sp + set * n.channels, bp + set * n.channels, eps, b, e, yp,
+                        mp, rp);
+        b = e;
+      }
+    });
+    return ffi::Error::Success();
+  }
+  for_samples(pool, n.batch, [&](long b0, long b1) {
+    std::vector<double> sums(n.channels);
+    std::vector<float> block(n.channels), mu(n.channels), var(n.channels), a(n.channels);
+    for (long b = b0; b < b1; ++b) {
+      const float* xb = xp + b * size;
+      const float *gamma = sp + b / per_set * n.channels, *beta = bp + b / per_set * n.channels;
+      channel_sums(n, block.data(), sums.data(),
+                   [&](long p, long c) { return xb[p * n.channels + c]; });
+      group_means(n, sums.data(), mu.data());
+      channel_sums(n, block.data(), sums.data(), [&](long p, long c) {
+        const float d = xb[p * n.channels + c] - mu[c];
+        return d * d;
+      });
+      group_means(n, sums.data(), var.data());
+      for (long g = 0; g < n.groups; ++g) {
+        const float r = 1.0f / std::sqrt(var[g * k] + eps);
+        mp[b * n.groups + g] = mu[g * k];
+        rp[b * n.groups + g] = r;
+        for (long c = g * k; c < (g + 1) * k; ++c) a[c] = gamma[c] * r;
+      }
+      float* yb = yp + b * size;
+      for (long p = 0; p < n.pixels; ++p) {
+        const float* row = xb + p * n.channels;
+        float* out = yb + p * n.channels;
+        for (long c = 0; c < n.channels; ++c) out[c] = (row[c] - mu[c]) * a[c] + beta[c];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx = r (dy gamma - mean(dy gamma) - xhat mean(dy gamma xhat)) over each (b, g), and
+// dgamma = sum dy xhat, dbeta = sum dy per channel over each parameter set's samples.
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                    ffi::ResultBuffer<ffi::F32> dbias, int64_t groups) {
+  const Norm n = norm_of(x, scale, groups);
+  float *dsp = dscale->typed_data(), *dbp = dbias->typed_data();
+  std::fill(dsp, dsp + dscale->element_count(), 0.0f);
+  std::fill(dbp, dbp + dbias->element_count(), 0.0f);
+  if (x.element_count() == 0) return ffi::Error::Success();
+  if (auto e = check(n, scale, bias); e.failure()) return e;
+  const float *xp = x.typed_data(), *sp = scale.typed_data(), *mp = mean.typed_data(),
+              *rp = rstd.typed_data(), *gp = dy.typed_data();
+  float* dxp = dx->typed_data();
+  const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
+  if (n.pixels == 1 && n.groups == 1 && n.sets == 1) {  // layer norm: a row a sample
+    const long c = n.channels;
+    const long chunks = std::min<long>(n.batch, 4 * std::max<long>(pool.num_threads(), 1));
+    const long chunk = (n.batch + chunks - 1) / chunks;
+    // Per chunk and channel: sum dy, sum dy xhat (float within a chunk).
+    std::vector<float> part1(chunks * c, 0.0f), part2(chunks * c, 0.0f);
+    parallel_for(pool, chunks, [&](long i) {
+      float *p1 = part1.data() + i * c, *p2 = part2.data() + i * c;
+      for (long b = i * chunk; b < std::min(n.batch, (i + 1) * chunk); ++b) {
+        const float *row = xp + b * c, *grow = gp + b * c, *gamma = sp;
+        const float mu = mp[b], r = rp[b];
+        float a = 0, q = 0;
+        for (long j = 0; j < c; ++j) {
+          const float xhat = (row[j] - mu) * r, g = grow[j] * gamma[j];
+          a += g;
+          q += g * xhat;
+          p1[j] += grow[j];
+          p2[j] += grow[j] * xhat;
+        }
+        a /= c;
+        q /= c;
+        float* out = dxp + b * c;
+        for (long j = 0; j < c; ++j)
+          out[j] = r * (grow[j] * gamma[j] - a - (row[j] - mu) * r * q);
+      }
+    });
+    for (long i = 0; i < chunks; ++i)
+      for (long j = 0; j < c; ++j) {
+        dbp[j] += part1[i * c + j];
+        dsp[j] += part2[i * c + j];
+      }
+    return ffi::Error::Success();
+  }
+  // Per sample and channel: sum dy and sum dy xhat, for dbeta and dgamma.
+  std::vector<double> s1(n.batch * n.channels), s2(n.batch * n.channels);
+  for_samples(pool, n.batch, [&](long b0, long b1) {
+    std::vector<float> block(n.channels), mu(n.channels), r(n.channels), ma(n.channels),
+        mb(n.channels);
+    std::vector<double> weighted(n.channels);
+    for (long b = b0; b < b1; ++b) {
+      const float *xb = xp + b * size, *gb = gp + b * size;
+      const float* gamma = sp + b / per_set * n.channels;
+      double *d1 = s1.data() + b * n.channels, *d2 = s2.data() + b * n.channels;
+      for (long c = 0; c < n.channels; ++c) {
+        mu[c] = mp[b * n.groups + c / k];
+        r[c] = rp[b * n.groups + c / k];
+      }
+      channel_sums(n, block.data(), d1, [&](long p, long c) { return gb[p * n.channels + c]; });
+      channel_sums(n, block.data(), d2, [&](long p, long c) {
+        return gb[p * n.channels + c] * ((xb[p * n.channels + c] - mu[c]) * r[c]);
+      });
+      for (long c = 0; c < n.channels; ++c) weighted[c] = gamma[c] * d1[c];
+      group_means(n, weighted.data(), ma.data());
+      for (long c = 0; c < n.channels; ++c) weighted[c] = gamma[c] * d2[c];
+      group_means(n, weighted.data(), mb.data());
+      float* db = dxp + b * size;
+      for (long p = 0; p < n.pixels; ++p) {
+        const float *row = xb + p * n.channels, *grow = gb + p * n.channels;
+        float* out = db + p * n.channels;
+        for (long c = 0; c < n.channels; ++c)
+          out[c] = r[c] * (grow[c] * gamma[c] - ma[c] - (row[c] - mu[c]) * r[c] * mb[c]);
+      }
+    }
+  });
+  for (long b = 0; b < n.batch; ++b) {
+    const long set = b / per_set;
+    for (long c = 0; c < n.channels; ++c) {
+      dbp[set * n.channels + c] += static_cast<float>(s1[b * n.channels + c]);
+      dsp[set * n.channels + c] += static_cast<float>(s2[b * n.channels + c]);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pNormForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pNormBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups"));
