@@ -1,8 +1,9 @@
-"""kernels.cpu_norm: the C++ group/layer normalisation equals float64 arithmetic forward
-and in all three gradients over group sizes, pixel counts (one, fewer and more than a
-summing block) and parameter sets; it batches under vmap; layers.GroupNorm and
-layers.LayerNorm call it exactly where ``takes`` says and equal flax's nn.GroupNorm and
-nn.LayerNorm (use_fast_variance=False) with it and without it."""
+"""kernels.cpu_norm: the C++ group/layer normalisation (and the SiLU fused after it)
+equals float64 arithmetic forward and in all three gradients over group sizes, pixel
+counts (one, fewer and more than a summing block) and parameter sets; it batches under
+vmap; layers.GroupNorm and layers.LayerNorm call it exactly where ``takes`` says and equal
+flax's nn.GroupNorm (then nn.silu) and nn.LayerNorm (use_fast_variance=False) with it and
+without it."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,15 @@ def kernel_built():
   assert build.load(), "the kernels must build on the test machine (g++ is there)"
 
 
-def reference(x, scale, bias, groups, eps, dy):
-  """float64 group norm of ``x [B, P, C]`` and its gradients for ``dy`` (numpy arrays)."""
+def reference(x, scale, bias, groups, eps, dy, silu=False):
+  """float64 group norm of ``x [B, P, C]`` (then SiLU) and its gradients for ``dy``."""
   def norm(x, scale, bias):
     b, p, c = x.shape
     xg = x.reshape(b, p, groups, c // groups)
     mean = xg.mean((1, 3), keepdims=True)
     var = ((xg - mean) ** 2).mean((1, 3), keepdims=True)
-    return ((xg - mean) / jnp.sqrt(var + eps)).reshape(b, p, c) * scale + bias
+    y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(b, p, c) * scale + bias
+    return y / (1 + jnp.exp(-y)) if silu else y
   with jax.enable_x64(True):
     args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, scale, bias)]
     y, vjp = jax.vjp(norm, *args)
@@ -48,28 +50,32 @@ def operands(b, p, c, seed=0, offset=3.0):
   return x, scale, bias, dy
 
 
-# (samples, pixels, channels, groups): UNet/VAE group norms (32 groups of 1-8 channels),
-# layer norms (one pixel, one group; the layer-norm path), groups of 3 odd channels,
-# fewer and more pixels than a summing block (64), one sample.
+# (samples, pixels, channels, groups, silu): UNet/VAE group norms (32 groups of 1-8
+# channels) with and without the SiLU after them, layer norms (one pixel, one group; the
+# layer-norm path), groups of 3 odd channels, fewer and more pixels than a summing block
+# (64), channels that are not whole vectors (SiLU's scalar tail), one sample.
 CASES = [
-    (2, 50, 64, 32),
-    (3, 1, 40, 1),
-    (300, 1, 64, 1),
-    (4, 7, 24, 3),
-    (1, 256, 128, 32),
-    (2, 130, 32, 32),
-    (1, 1, 8, 2),
-    (5, 3, 16, 1),
+    (2, 50, 64, 32, False),
+    (2, 50, 64, 32, True),
+    (3, 1, 40, 1, False),
+    (300, 1, 64, 1, False),
+    (4, 7, 24, 3, False),
+    (4, 7, 24, 3, True),
+    (1, 256, 128, 32, True),
+    (2, 130, 32, 32, False),
+    (1, 1, 8, 2, False),
+    (5, 3, 16, 1, False),
+    (2, 5, 36, 4, True),
 ]
 
 
-@pytest.mark.parametrize("b,p,c,groups", CASES)
-def test_values_and_gradients_equal_float64(b, p, c, groups):
+@pytest.mark.parametrize("b,p,c,groups,silu", CASES)
+def test_values_and_gradients_equal_float64(b, p, c, groups, silu):
   x, scale, bias, dy = operands(b, p, c)
   eps = 1e-6
-  fn = jax.jit(lambda x, s, bb: cpu_norm.normalize(x, s, bb, groups, eps))
+  fn = jax.jit(lambda x, s, bb: cpu_norm.normalize(x, s, bb, groups, eps, silu))
   y, vjp = jax.vjp(fn, x, scale, bias)
-  want, want_grads = reference(x, scale, bias, groups, eps, dy)
+  want, want_grads = reference(x, scale, bias, groups, eps, dy, silu)
   close(y, want)
   for got, expected in zip(vjp(dy), want_grads):
     close(got, expected)
@@ -81,7 +87,7 @@ def test_vmap_over_samples_and_over_parameter_sets():
   x, scale, bias, dy = operands(2, 20, 32, seed=1)
   xs, dys = jnp.stack([x, -x, 2 * x + 1]), jnp.stack([dy, dy, -dy])
   scales, biases = jnp.stack([scale, 2 * scale, -scale]), jnp.stack([bias, -bias, bias])
-  fn = lambda x, s, b: cpu_norm.normalize(x, s, b, 8, 1e-5)
+  fn = lambda x, s, b: cpu_norm.normalize(x, s, b, 8, 1e-5, silu=True)
   for in_axes, ss, bs in (((0, None, None), scale, bias), ((0, 0, 0), scales, biases)):
     pick = (lambda a, i: a) if in_axes[1] is None else (lambda a, i: a[i])
     out, vjp = jax.vjp(jax.vmap(fn, in_axes=in_axes), xs, ss, bs)
@@ -108,31 +114,48 @@ def _calls_kernel(module, params, x):
   return cpu_norm.FORWARD in forward, cpu_norm.BACKWARD in grad.as_text()
 
 
-@pytest.mark.parametrize("shape,groups,uses_kernel", [
-    ((2, 16, 16, 256), 32, True),    # a UNet resnet's group norm
-    ((4, 64, 64, 32), 32, True),     # a VAE's first level
-    ((2, 4, 4, 64), 32, False),      # below MIN_ELEMENTS: XLA's
-    ((2, 512, 128), None, True),     # a transformer block's layer norm
-    ((2, 77, 64), None, False),      # a small text encoder's: XLA's
+class SiluAfter(nn.Module):
+  """flax's GroupNorm then SiLU: what ``layers.group_norm(silu=True)`` is."""
+  groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.silu(nn.GroupNorm(self.groups, epsilon=1e-6, name="norm")(x))
+
+
+@pytest.mark.parametrize("shape,groups,silu,uses_kernel", [
+    ((2, 16, 16, 256), 32, False, True),   # a UNet attention block's group norm
+    ((2, 16, 16, 256), 32, True, True),    # a resnet block's norm and SiLU
+    ((4, 64, 64, 32), 32, True, True),     # a VAE's first level
+    ((2, 4, 4, 64), 32, True, False),      # below MIN_ELEMENTS: XLA's
+    ((2, 512, 128), None, False, True),    # a transformer block's layer norm
+    ((2, 77, 64), None, False, False),     # a small text encoder's: XLA's
 ])
-def test_layers_use_the_kernel_where_it_takes_and_match_flax(shape, groups, uses_kernel,
+def test_layers_use_the_kernel_where_it_takes_and_match_flax(shape, groups, silu, uses_kernel,
                                                               monkeypatch):
   x = jnp.asarray(np.random.default_rng(3).standard_normal(shape) * 1.5 + 0.5, jnp.float32)
-  if groups:
+  if groups and silu:
+    ours, theirs = layers.group_norm(groups, 1e-6, silu=True), SiluAfter(groups)
+  elif groups:
     ours, theirs = layers.group_norm(groups, 1e-6), nn.GroupNorm(groups, epsilon=1e-6)
   else:
     ours, theirs = layers.layer_norm(1e-5), nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
   params = nn.unbox(ours.init(jax.random.PRNGKey(0), x))
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-      jnp.shape, theirs.init(jax.random.PRNGKey(0), x))
+  their_params = theirs.init(jax.random.PRNGKey(0), x)
+  if silu:  # the same parameters under the wrapper's submodule name
+    params_theirs = lambda p: {"params": {"norm": p["params"]}}
+  else:
+    params_theirs = lambda p: p
+  assert jax.tree.map(jnp.shape, params_theirs(params)) == jax.tree.map(jnp.shape, their_params)
   params = jax.tree.map(lambda p: p + 0.25, params)  # not the identity affine
   assert _calls_kernel(ours, params, x) == (uses_kernel, uses_kernel)
-  loss = lambda m: (lambda p, x: jnp.sum(m.apply(p, x) * jnp.cos(x)))
-  want, want_grads = theirs.apply(params, x), jax.grad(loss(theirs), (0, 1))(params, x)
+  loss = lambda m, wrap: (lambda p, x: jnp.sum(m.apply(wrap(p), x) * jnp.cos(x)))
+  want = theirs.apply(params_theirs(params), x)
+  want_grads = jax.grad(loss(theirs, params_theirs), (0, 1))(params, x)
   for kernels_on in (True, False):  # both of our paths equal flax's
     if not kernels_on:
       monkeypatch.setattr(cpu_norm, "takes", lambda *a: False)
     close(ours.apply(params, x), want)
-    for got, expected in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+    for got, expected in zip(jax.tree.leaves(jax.grad(loss(ours, lambda p: p), (0, 1))(params, x)),
                              jax.tree.leaves(want_grads)):
       close(got, expected)

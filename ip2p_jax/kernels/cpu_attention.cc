@@ -37,29 +37,6 @@ constexpr long kKeysT = 128;  // keys per block, transposed forward: S^T in L1
 constexpr bool kTransposedForward = VW == 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (scores are kept in base 2: the query is scaled by log2(e), which saves
-// the exponential a multiplication and a two-part range reduction): x = n + r with n
-// rounded to nearest by the 1.5 * 2^23 trick, 2^r = e^(r ln 2) by its Taylor polynomial
-// of degree 6 (relative error < 2e-7 for |r| <= 1/2), 2^n written into the exponent
-// bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0.
-template <typename V>
-inline V vexp2(V x) {
-  using I = ints_t<V>;
-  const V lo = splat<V>(-126.0f), magic = splat<V>(12582912.0f);
-  x = x < lo ? lo : x;
-  const V big = x + magic;
-  const V r = x - (big - magic);
-  const I n = (I)big - (I)magic;
-  V y = splat<V>(1.5403530393381606e-4f);
-  y = y * r + 1.3333558146428443e-3f;
-  y = y * r + 9.6181291076284772e-3f;
-  y = y * r + 5.5504108664821580e-2f;
-  y = y * r + 2.4022650695910071e-1f;
-  y = y * r + 6.9314718055994531e-1f;
-  y = y * r + 1.0f;
-  return y * (V)((n + 127) << 23);
-}
-
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 struct Shape {

@@ -62,6 +62,29 @@ inline V splat(float x) {  // one vbroadcastss (V{} + x would add a zero first)
 }
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
+// 2^x for x <= 0 (attention keeps its scores in base 2: the query scaled by log2(e) saves
+// the exponential a multiplication and a two-part range reduction): x = n + r with n
+// rounded to nearest by the 1.5 * 2^23 trick, 2^r = e^(r ln 2) by its Taylor polynomial
+// of degree 6 (relative error < 2e-7 for |r| <= 1/2), 2^n written into the exponent
+// bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0.
+template <typename V>
+inline V vexp2(V x) {
+  using I = ints_t<V>;
+  const V lo = splat<V>(-126.0f), magic = splat<V>(12582912.0f);
+  x = x < lo ? lo : x;
+  const V big = x + magic;
+  const V r = x - (big - magic);
+  const I n = (I)big - (I)magic;
+  V y = splat<V>(1.5403530393381606e-4f);
+  y = y * r + 1.3333558146428443e-3f;
+  y = y * r + 9.6181291076284772e-3f;
+  y = y * r + 5.5504108664821580e-2f;
+  y = y * r + 2.4022650695910071e-1f;
+  y = y * r + 6.9314718055994531e-1f;
+  y = y * r + 1.0f;
+  return y * (V)((n + 127) << 23);
+}
+
 // Float scratch aligned to cache lines (unaligned vector loads that split lines cost
 // the value products a third of their speed), zeroed unless asked not to. Running out of
 // memory ends the process

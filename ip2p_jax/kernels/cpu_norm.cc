@@ -1,6 +1,7 @@
-// Group normalisation (Wu & He 2018) and, as its one-pixel one-group case, layer
-// normalisation (Ba et al. 2016), float32, as XLA FFI handlers: ``ip2p_norm_forward``
-// and ``ip2p_norm_backward``.
+// Group normalisation (Wu & He 2018), optionally followed by SiLU (a resnet block's
+// norm-activation pair, fused: the backward recomputes the pre-activation), and, as its
+// one-pixel one-group case, layer normalisation (Ba et al. 2016), float32, as XLA FFI
+// handlers: ``ip2p_norm_forward`` and ``ip2p_norm_backward``.
 //
 // Layout: x ``[..., P, C]``, every leading axis one batch axis B; the statistics of
 // sample b and group g run over its P pixels and the C / G channels of the group;
@@ -13,6 +14,7 @@
 // samples split over XLA's intra-op pool.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -60,6 +62,40 @@ void for_samples(ffi::ThreadPool& pool, long batch, const F& body) {
   parallel_for(pool, chunks, [&](long i) { body(i * chunk, std::min(batch, (i + 1) * chunk)); });
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// sigmoid(z) = 1 / (1 + e^-z), e^-z = 2^(-z log2 e) (vexp2, kept below 2^126).
+template <typename V>
+inline V sigmoid(V z) {
+  V t = z * -kLog2e;
+  t = t < 126.0f ? t : splat<V>(126.0f);
+  return 1.0f / (1.0f + vexp2(t));
+}
+inline float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+
+// v = silu(v) = v sigmoid(v), in place.
+void silu(float* v, long n) {
+  long i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf z = load<vf>(v + i);
+    store(v + i, z * sigmoid(z));
+  }
+  for (; i < n; ++i) v[i] *= sigmoid(v[i]);
+}
+
+// g = dy silu'(z) = dy s (1 + z (1 - s)), s = sigmoid(z); z given in g, overwritten.
+void silu_grad(const float* dy, float* g, long n) {
+  long i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf z = load<vf>(g + i), sg = sigmoid(z);
+    store(g + i, load<vf>(dy + i) * sg * (1.0f + z * (1.0f - sg)));
+  }
+  for (; i < n; ++i) {
+    const float z = g[i], sg = sigmoid(z);
+    g[i] = dy[i] * sg * (1.0f + z * (1.0f - sg));
+  }
+}
+
 // out[c] = sum over the sample's pixels of f(p, c), in float across blocks of 64 pixels
 // (vectorised) and in double across blocks.
 template <typename F>
@@ -105,14 +141,14 @@ void layer_norm_rows(const Norm& n, const float* x, const float* gamma, const fl
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
-                   int64_t groups, float eps) {
+                   int64_t groups, float eps, bool with_silu) {
   const Norm n = norm_of(x, scale, groups);
   if (x.element_count() == 0) return ffi::Error::Success();
   if (auto e = check(n, scale, bias); e.failure()) return e;
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
   float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
   const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
-  if (n.pixels == 1 && n.groups == 1) {
+  if (n.pixels == 1 && n.groups == 1 && !with_silu) {
     for_samples(pool, n.batch, [&](long b0, long b1) {
       for (long b = b0; b < b1;) {  // runs of samples that share parameters
         const long e = std::min(b1, (b / per_set + 1) * per_set), set = b / per_set;
@@ -149,6 +185,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         float* out = yb + p * n.channels;
         for (long c = 0; c < n.channels; ++c) out[c] = (row[c] - mu[c]) * a[c] + beta[c];
       }
+      if (with_silu) silu(yb, size);
     }
   });
   return ffi::Error::Success();
@@ -160,7 +197,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
                     ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
-                    ffi::ResultBuffer<ffi::F32> dbias, int64_t groups) {
+                    ffi::ResultBuffer<ffi::F32> dbias, int64_t groups, bool with_silu) {
   const Norm n = norm_of(x, scale, groups);
   float *dsp = dscale->typed_data(), *dbp = dbias->typed_data();
   std::fill(dsp, dsp + dscale->element_count(), 0.0f);
@@ -171,7 +208,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
               *rp = rstd.typed_data(), *gp = dy.typed_data();
   float* dxp = dx->typed_data();
   const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
-  if (n.pixels == 1 && n.groups == 1 && n.sets == 1) {  // layer norm: a row a sample
+  if (n.pixels == 1 && n.groups == 1 && n.sets == 1 && !with_silu) {  // a layer norm
     const long c = n.channels;
     const long chunks = std::min<long>(n.batch, 4 * std::max<long>(pool.num_threads(), 1));
     const long chunk = (n.batch + chunks - 1) / chunks;
@@ -206,17 +243,28 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   }
   // Per sample and channel: sum dy and sum dy xhat, for dbeta and dgamma.
   std::vector<double> s1(n.batch * n.channels), s2(n.batch * n.channels);
+  const float* bp = bias.typed_data();
   for_samples(pool, n.batch, [&](long b0, long b1) {
     std::vector<float> block(n.channels), mu(n.channels), r(n.channels), ma(n.channels),
         mb(n.channels);
     std::vector<double> weighted(n.channels);
+    std::unique_ptr<Scratch> dz;  // with silu: the gradient before it
+    if (with_silu) dz = std::make_unique<Scratch>(size, false);
     for (long b = b0; b < b1; ++b) {
       const float *xb = xp + b * size, *gb = gp + b * size;
-      const float* gamma = sp + b / per_set * n.channels;
+      const float *gamma = sp + b / per_set * n.channels, *beta = bp + b / per_set * n.channels;
       double *d1 = s1.data() + b * n.channels, *d2 = s2.data() + b * n.channels;
       for (long c = 0; c < n.channels; ++c) {
         mu[c] = mp[b * n.groups + c / k];
         r[c] = rp[b * n.groups + c / k];
+      }
+      if (with_silu) {  // z recomputed, then dy silu'(z)
+        float* z = dz->data();
+        for (long p = 0; p < n.pixels; ++p)
+          for (long c = 0; c < n.channels; ++c)
+            z[p * n.channels + c] = (xb[p * n.channels + c] - mu[c]) * (gamma[c] * r[c]) + beta[c];
+        silu_grad(gb, z, size);
+        gb = z;
       }
       channel_sums(n, block.data(), d1, [&](long p, long c) { return gb[p * n.channels + c]; });
       channel_sums(n, block.data(), d2, [&](long p, long c) {
@@ -257,7 +305,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pNormForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups")
-                                  .Attr<float>("eps"));
+                                  .Attr<float>("eps")
+                                  .Attr<bool>("silu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pNormBackward, Backward,
                               ffi::Ffi::Bind()
@@ -271,4 +320,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Ip2pNormBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("silu"));

@@ -1,5 +1,5 @@
-"""Group and layer normalisation on the CPU as a C++ kernel behind XLA's FFI
-(``cpu_norm.cc``).
+"""Group normalisation (with a fused SiLU, as resnet blocks use it) and layer
+normalisation on the CPU as a C++ kernel behind XLA's FFI (``cpu_norm.cc``).
 
 XLA:CPU computes a normalisation as separate reductions, broadcasts and elementwise
 passes over the activation, and a layer norm's scale it materialises at the
@@ -38,44 +38,48 @@ def takes(x: jax.Array, scale: jax.Array, groups: int) -> bool:
 
 
 def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
-              eps: float) -> jax.Array:
+              eps: float, silu: bool = False) -> jax.Array:
   """``x [..., P, C]`` normalised over each leading index's P pixels and each group of
-  C / ``groups`` channels, then ``* scale + bias`` per channel. GroupNorm of NHWC
-  images is ``x`` reshaped to ``[N, H W, C]``; LayerNorm is ``[..., 1, C]`` with one
-  group. Differentiable once (its own VJP); under ``vmap`` the mapped axis joins the
-  leading ones. Raises RuntimeError if the kernels are not available."""
+  C / ``groups`` channels, then ``* scale + bias`` per channel, then SiLU if ``silu``.
+  GroupNorm of NHWC images is ``x`` reshaped to ``[N, H W, C]``; LayerNorm is
+  ``[..., 1, C]`` with one group. Differentiable once (its own VJP); under ``vmap`` the
+  mapped axis joins the leading ones. Raises RuntimeError if the kernels are not
+  available."""
   if not build.load():
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS)")
   if x.ndim < 2 or x.shape[-1] % groups or scale.shape != x.shape[-1:] \
       or bias.shape != scale.shape:
     raise ValueError(f"normalize takes x [..., P, C] with C a multiple of groups and scale, "
                      f"bias [C]; got {x.shape}, {scale.shape}, {bias.shape}, {groups} groups")
-  return _normalize(groups, np.float32(eps), x, scale, bias)
+  return _normalize((groups, bool(silu)), np.float32(eps), x, scale, bias)
 
 
-def _forward_call(groups, eps, x, scale, bias):
+def _forward_call(options, eps, x, scale, bias):
+  groups, silu = options
   stats = jax.ShapeDtypeStruct(x.shape[:-2] + (groups,), jnp.float32)
   call = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats),
                           vmap_method="broadcast_all")
-  return call(x, scale, bias, groups=np.int64(groups), eps=eps)
+  return call(x, scale, bias, groups=np.int64(groups), eps=eps, silu=silu)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _normalize(groups, eps, x, scale, bias):
-  return _forward_call(groups, eps, x, scale, bias)[0]
+def _normalize(options, eps, x, scale, bias):
+  return _forward_call(options, eps, x, scale, bias)[0]
 
 
-def _normalize_forward(groups, eps, x, scale, bias):
-  y, mean, rstd = _forward_call(groups, eps, x, scale, bias)
+def _normalize_forward(options, eps, x, scale, bias):
+  y, mean, rstd = _forward_call(options, eps, x, scale, bias)
   return y, (x, scale, bias, mean, rstd)
 
 
-def _normalize_backward(groups, eps, residuals, dy):
+def _normalize_backward(options, eps, residuals, dy):
   del eps
+  groups, silu = options
   x, scale, bias, mean, rstd = residuals
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, scale, bias))
   call = jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="broadcast_all")
-  return call(x, scale, bias, mean, rstd, dy.astype(x.dtype), groups=np.int64(groups))
+  return call(x, scale, bias, mean, rstd, dy.astype(x.dtype), groups=np.int64(groups),
+              silu=silu)
 
 
 _normalize.defvjp(_normalize_forward, _normalize_backward)

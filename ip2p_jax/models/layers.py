@@ -97,15 +97,18 @@ class Conv(nn.Module):
     return y
 
 
-def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: str | None = None) -> "GroupNorm":
-  return GroupNorm(num_groups, epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+def group_norm(num_groups: int, epsilon: float, *, silu: bool = False,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None) -> "GroupNorm":
+  return GroupNorm(num_groups, epsilon, silu=silu, dtype=dtype, param_dtype=param_dtype,
+                   name=name)
 
 
 class GroupNorm(nn.Module):
   """GroupNorm (Wu & He 2018) over the last axis with two-pass variance (PyTorch's
   numerics, not E[x^2]-E[x]^2), statistics in float32; parameters ``scale`` and
-  ``bias`` as flax's ``nn.GroupNorm``.
+  ``bias`` as flax's ``nn.GroupNorm``; ``silu``: followed by SiLU (``nn.silu``), as a
+  resnet block's norms are.
 
   On CPU (float32, the kernels built) it runs :mod:`ip2p_jax.kernels.cpu_norm`'s C++
   kernel, forward and backward. Elsewhere the statistics are summed per channel first
@@ -114,6 +117,7 @@ class GroupNorm(nn.Module):
   arithmetic on every element (this form ran 2-4x faster there; BENCHMARKS.md)."""
   num_groups: int
   epsilon: float
+  silu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -128,7 +132,7 @@ class GroupNorm(nn.Module):
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if x.ndim >= 2 and cpu_norm.takes(x, scale, self.num_groups):
       flat = x.reshape(x.shape[0], -1, c)
-      y = cpu_norm.normalize(flat, scale, bias, self.num_groups, self.epsilon)
+      y = cpu_norm.normalize(flat, scale, bias, self.num_groups, self.epsilon, self.silu)
       return y.reshape(x.shape).astype(self.dtype)
     axes = tuple(range(1, x.ndim - 1))
     count = per_group * math.prod(x.shape[1:-1])
@@ -141,7 +145,7 @@ class GroupNorm(nn.Module):
     centered = x - group_mean(jnp.sum(x, axes))
     var = group_mean(jnp.sum(jnp.square(centered), axes))
     y = centered * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
-    return y.astype(self.dtype)
+    return (nn.silu(y) if self.silu else y).astype(self.dtype)
 
 
 def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32,
@@ -528,12 +532,12 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
+    h = group_norm(self.groups, self.eps, silu=True, name="norm1", **kw)(x)
     h = conv(self.out_channels, 3, name="conv1", **kw)(h)
     if temb is not None:
       t = dense(self.out_channels, (ax.EMBED, ax.MLP), name="time_emb_proj", **kw)(nn.silu(temb))
       h = h + t[:, None, None, :]
-    h = nn.silu(group_norm(self.groups, self.eps, name="norm2", **kw)(h))
+    h = group_norm(self.groups, self.eps, silu=True, name="norm2", **kw)(h)
     h = conv(self.out_channels, 3, name="conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)

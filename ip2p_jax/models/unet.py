@@ -331,7 +331,8 @@ class UNet2DConditionModel(nn.Module):
               x, block_skips, emb, context, None if is_last else skips[-1].shape[1:3])
       x = boundary(x)
 
-    x = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+    x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, silu=True, name="conv_norm_out",
+                          **kw)(x)
     return layers.conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
 
   def dummy_inputs(self, batch: int = 1, text_length: int = 77):

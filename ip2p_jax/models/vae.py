@@ -139,7 +139,8 @@ class Encoder(nn.Module):
       x = _ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups, None if last else "down",
                        name=f"down_blocks_{i}", **kw)(x)
     x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
-    x = nn.silu(layers.group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
+    x = layers.group_norm(cfg.norm_num_groups, 1e-6, silu=True, name="conv_norm_out",
+                          **kw)(x)
     return layers.conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
 
 
@@ -181,7 +182,8 @@ class Decoder(nn.Module):
       last = i == len(channels) - 1
       x = _ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, None if last else "up",
                        name=f"up_blocks_{i}", **kw)(x)
-    x = nn.silu(layers.group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
+    x = layers.group_norm(cfg.norm_num_groups, 1e-6, silu=True, name="conv_norm_out",
+                          **kw)(x)
     return layers.conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
 
 
