@@ -501,10 +501,31 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(2 * self.inner, (ax.EMBED, ax.MLP), dtype=self.dtype,
-              param_dtype=self.param_dtype, name="proj")(x)
-    value, gate = jnp.split(h, 2, axis=-1)
+    value, gate = _ValueAndGate(self.inner, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="proj")(x)
     return value * gelu(gate)
+
+
+class _ValueAndGate(nn.Module):
+  """GEGLU's ``proj``: ``nn.Dense(2 inner)``'s parameters and init (diffusers' layout:
+  value then gate along the output), applied as two products, one per half. One product
+  and a split cost the backward a concatenation of the two halves' gradients at the
+  activation's size (XLA:CPU: ~8% of a small UNet's feed-forward time)."""
+  inner: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", ax.partitioned(nn.initializers.lecun_normal(),
+                                                 (ax.EMBED, ax.MLP)),
+                        (x.shape[-1], 2 * self.inner), self.param_dtype)
+    bias = self.param("bias", ax.partitioned(nn.initializers.zeros_init(), (ax.MLP,)),
+                      (2 * self.inner,), self.param_dtype)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    half = lambda k, b: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ()))) + b
+    return (half(kernel[:, :self.inner], bias[:self.inner]),
+            half(kernel[:, self.inner:], bias[self.inner:]))
 
 
 class FeedForward(nn.Module):
