@@ -80,9 +80,20 @@ def best_of_both(ours, theirs, repeats: int) -> tuple[float, float]:
 
 
 def machine() -> str:
+  """The machine in a line: CPU model and vector extension (the kernels' width follows
+  it), cores, jax and its device."""
   import jax
-  cores = os.cpu_count()
-  return f"{platform.processor() or platform.machine()}, {cores} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}"
+  model, vectors = platform.processor() or platform.machine(), ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      info = f.read()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), model)
+    vectors = ", AVX-512" if " avx512f" in info else ", AVX2" if " avx2" in info else ""
+  except OSError:
+    pass
+  return (f"{model}{vectors}, {os.cpu_count()} cores, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}")
 
 
 def reference_seconds(name: str, measure, *args) -> float | None:

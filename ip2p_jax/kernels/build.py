@@ -3,10 +3,10 @@ them with XLA:CPU as FFI targets.
 
 The sources (``*.cc``, ``*.h`` here) are compiled on first use with ``-march=native``
 (plus ``$IP2P_KERNELS_CXXFLAGS``, e.g. ``-mno-avx512f`` for the 8-float vector code on a
-CPU with AVX-512) and cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS`` elsewhere; ``IP2P_KERNELS=off``
-never builds or uses them), under a name that hashes the sources, jaxlib's version, the
-compiler and its flags and the CPU's features, so an upgrade or another machine builds
-its own.
+CPU with AVX-512) and cached in ``~/.cache/ip2p_jax/kernels`` (``$IP2P_KERNELS``
+elsewhere; ``IP2P_KERNELS=off`` never builds or uses them), under a name that hashes the
+sources, jaxlib's version, the compiler and its flags and the CPU's features, so an
+upgrade or another machine builds its own.
 Where no C++ compiler is found or the build fails, :func:`load` logs why once and
 returns False, and the layers keep XLA's own kernels.
 """

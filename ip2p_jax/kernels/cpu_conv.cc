@@ -222,7 +222,8 @@ ffi::Error Filter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     const long pixels = per_group * s.height * s.width, k = 9 * cin;
     Scratch cols(s.batch * s.height * s.width * k, false);
     im2col(pool, s, x.typed_data(), cols.data());
-    const long block = round_up((k + 4 * threads - 1) / (4 * threads), W), blocks = (k + block - 1) / block;
+    const long block = round_up((k + 4 * threads - 1) / (4 * threads), W);
+    const long blocks = (k + block - 1) / block;
     parallel_for(pool, groups * blocks, [&](long task) {
       const long g = task / blocks, r0 = task % blocks * block, rb = std::min(block, k - r0);
       gemm(tile, rb, cout, pixels, cols.data() + g * pixels * k + r0, 1, k,

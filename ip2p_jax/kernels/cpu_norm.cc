@@ -8,10 +8,10 @@
 // ``scale`` and ``bias`` ``[..., C]`` (leading axes: sets of parameters, the batch split
 // evenly over them, as vmap over a model ensemble gives). The forward returns y and
 // each (b, g)'s mean and 1 / sqrt(var + eps) ``[..., G]``; the variance is two-pass
-// (PyTorch's numerics), its sums in float over blocks of 64 pixels and in double across. XLA:CPU computed these as separate
-// reductions and broadcasts, each a pass over the activation on one thread; here a
-// sample is three passes (sums, centred squares, output) forward and two backward, the
-// samples split over XLA's intra-op pool.
+// (PyTorch's numerics), its sums in float over blocks of 64 pixels and in double
+// across. XLA:CPU computed these as separate reductions and broadcasts, each a pass over
+// the activation; here a sample is three passes (sums, centred squares, output) forward
+// and two backward, the samples split over XLA's intra-op pool.
 #include <algorithm>
 #include <cmath>
 #include <memory>

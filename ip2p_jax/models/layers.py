@@ -61,9 +61,10 @@ class Conv(nn.Module):
   spatial axis (what ``lax.conv_general_dilated`` takes).
 
   On CPU the float32 3x3 stride-1 layers run the C++ kernels of
-  :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways
-  where they write up to 64 channels, 1.7-2x XLA:CPU's speed there; the gradients only
-  where they write more); everything else runs ``lax.conv_general_dilated``. Those
+  :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways,
+  1.5-3x XLA:CPU's speed, except where XLA's forward is as fast: layers writing more
+  than 64 channels on an AVX2 build, or a channel count that is not a multiple of 8 out;
+  there the gradients only); everything else runs ``lax.conv_general_dilated``. Those
   layers differentiate in reverse mode once (a custom VJP), not forward mode: set
   ``IP2P_KERNELS=off`` for ``jax.jvp`` or higher derivatives."""
   features: int
@@ -110,9 +111,11 @@ class GroupNorm(nn.Module):
   ``bias`` as flax's ``nn.GroupNorm``; ``silu``: followed by SiLU (``nn.silu``), as a
   resnet block's norms are.
 
-  On CPU (float32, the kernels built) it runs :mod:`ip2p_jax.kernels.cpu_norm`'s C++
-  kernel, forward and backward. Elsewhere the statistics are summed per channel first
-  and then per group, so the activation is only ever broadcast along its channel axis:
+  On CPU (float32, from ``cpu_norm.MIN_ELEMENTS``, the kernels built) it runs
+  :mod:`ip2p_jax.kernels.cpu_norm`'s C++ kernel, forward and backward (reverse mode
+  once, a custom VJP: ``IP2P_KERNELS=off`` for ``jax.jvp``). Elsewhere the statistics
+  are summed per channel first and then per group, so the activation is only ever
+  broadcast along its channel axis:
   flax's reshape to ``[..., groups, channels // groups]`` costs XLA:CPU index
   arithmetic on every element (this form ran 2-4x faster there; BENCHMARKS.md)."""
   num_groups: int
@@ -156,9 +159,10 @@ def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32,
 class LayerNorm(nn.Module):
   """LayerNorm (Ba et al. 2016) over the last axis, two-pass variance; the parameters,
   their init and numerics of flax's ``nn.LayerNorm(use_fast_variance=False)``. On CPU
-  (float32, the kernels built) the C++ kernel of :mod:`ip2p_jax.kernels.cpu_norm`
-  (one group, one pixel a token): XLA:CPU materialised the scale at the activation's
-  size for every layer norm of a transformer block."""
+  (float32, from ``cpu_norm.MIN_ELEMENTS``, the kernels built) the C++ kernel of
+  :mod:`ip2p_jax.kernels.cpu_norm` (one group, one pixel a token; reverse mode once):
+  XLA:CPU materialised the scale at the activation's size for every layer norm of a
+  transformer block."""
   epsilon: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
