@@ -38,11 +38,12 @@ def kernel():
 
 
 # (batch, query length, key length, heads, head_dim): the kernel works in blocks of 64
-# queries, 256 keys and panels of 16 keys (64 on AVX-512), over register tiles 8-64 floats
-# wide (cpu_common.h's Tile). Cases: the small UNets' self and cross attention (77 keys: a
-# partial panel), lengths off every block (300 queries = 4 x 64 + 44; 295 and 513 keys: a
-# partial key block after one and two full ones), fewer rows than a register tile,
-# head_dims 8-160 (whole tiles, tiles plus a 16- or 8-float remainder), one head.
+# queries against 256 keys (128 transposed on AVX-512, 64 in the backward), keys packed in
+# panels of 16 (64 on AVX-512), over register tiles 8-64 floats wide (cpu_common.h's
+# Tile). Cases: the small UNets' self and cross attention (77 keys: a partial panel),
+# lengths off every block (300 queries = 4 x 64 + 44; 295, 513 and 260 keys: a partial
+# key block after full ones), fewer rows than a register tile, head_dims 8-160 (whole
+# tiles, tiles plus a 16- or 8-float remainder), one head.
 CASES = [
     (2, 256, 256, 8, 8),
     (2, 256, 77, 8, 8),

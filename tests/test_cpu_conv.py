@@ -48,8 +48,9 @@ def kernel_built():
 # sizes; channels 8-192, in != out both ways (8-128 floats out: every register tile of
 # the 8- and 16-float builds, 16- and 8-float remainders), more row chunks than images,
 # more images than chunks, output channels split over tasks (few small images, wide);
-# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros). Images
-# of at most 64 pixels take the gathered (im2col) path, larger ones the stacked one.
+# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros; gathered
+# and stacked). Images of at most 64 pixels take the gathered (im2col) path, larger ones
+# the stacked one.
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),
@@ -65,6 +66,7 @@ CASES = [
     (2, 7, 6, 3, 32),
     (1, 5, 4, 20, 4),
     (3, 9, 8, 64, 256),
+    (1, 9, 9, 3, 16),
 ]
 
 

@@ -102,10 +102,36 @@ def test_vmap_over_samples_and_over_parameter_sets():
     close(dbias, stack([g[2] for g in grads]))
 
 
+def test_vmapped_layer_norm_over_samples_and_parameter_sets():
+  """The layer-norm path (one pixel, one group) under vmap over images (the parameters
+  broadcast to one set per image) and over an ensemble of parameters: values and all
+  three gradients equal a loop."""
+  x, scale, bias, dy = operands(40, 1, 48, seed=2)
+  xs, dys = jnp.stack([x, 0.5 * x - 1, -x]), jnp.stack([dy, -dy, 2 * dy])
+  scales, biases = jnp.stack([scale, -scale, 3 * scale]), jnp.stack([bias, bias, -bias])
+  fn = lambda x, s, b: cpu_norm.normalize(x, s, b, 1, 1e-5)
+  for in_axes, ss, bs in (((0, None, None), scale, bias), ((0, 0, 0), scales, biases)):
+    pick = (lambda a, i: a) if in_axes[1] is None else (lambda a, i: a[i])
+    out, vjp = jax.vjp(jax.vmap(fn, in_axes=in_axes), xs, ss, bs)
+    dx, dscale, dbias = vjp(dys)
+    for i in range(3):
+      want, want_grads = reference(xs[i], pick(ss, i), pick(bs, i), 1, 1e-5, dys[i])
+      close(out[i], want)
+      close(dx[i], want_grads[0])
+      if in_axes[1] is not None:
+        close(dscale[i], want_grads[1])
+        close(dbias[i], want_grads[2])
+    if in_axes[1] is None:
+      close(dscale, sum(reference(xs[i], scale, bias, 1, 1e-5, dys[i])[1][1] for i in range(3)))
+      close(dbias, sum(reference(xs[i], scale, bias, 1, 1e-5, dys[i])[1][2] for i in range(3)))
+
+
 def test_bad_groups_are_refused():
   x, scale, bias, _ = operands(1, 4, 12)
   with pytest.raises(ValueError, match="multiple of groups"):
     cpu_norm.normalize(x, scale, bias, 5, 1e-5)
+  with pytest.raises(ValueError, match="float32"):
+    cpu_norm.normalize(x.astype(jnp.bfloat16), scale, bias, 4, 1e-5)
 
 
 def _calls_kernel(module, params, x):

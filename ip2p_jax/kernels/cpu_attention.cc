@@ -4,10 +4,12 @@
 // Layout: query ``[..., Lq, H, d]``, key and value ``[..., Lk, H, d]`` (the leading axes
 // are one batch axis here), output like the query, log-sum-exp ``[..., H, Lq]``.
 // ``d`` is a multiple of 8. The forward walks each head's queries in blocks of kRows
-// against key blocks of kKeys with the online softmax and keeps only the output and
-// each row's log-sum-exp; the backward recomputes every block's probabilities from
-// them. Work is split over XLA's intra-op thread pool: forward tasks are (head, query
-// chunk), backward tasks are heads (each owns its key and value gradients).
+// against key blocks of kKeys with the online softmax (on 16-float vectors transposed,
+// queries on the lanes, against blocks of kKeysT) and keeps only the output and each
+// row's log-sum-exp; the backward recomputes every block's probabilities from them, in
+// blocks of kRowsB queries and kKeysB keys. Work is split over XLA's intra-op thread
+// pool: forward tasks are (head, query chunk), backward tasks are heads (each owns its
+// key and value gradients).
 //
 // Every product is cpu_common.h's ``gemm``, ``C (+)= A B`` with B row-major and A read
 // through two strides, so ``Q K^T`` (K packed transposed), ``P V``, ``P^T dO`` (A read

@@ -62,11 +62,12 @@ inline V splat(float x) {  // one vbroadcastss (V{} + x would add a zero first)
 }
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
-// 2^x for x <= 0 (attention keeps its scores in base 2: the query scaled by log2(e) saves
+// 2^x for x <= 126 (attention keeps its scores in base 2: the query scaled by log2(e) saves
 // the exponential a multiplication and a two-part range reduction): x = n + r with n
 // rounded to nearest by the 1.5 * 2^23 trick, 2^r = e^(r ln 2) by its Taylor polynomial
 // of degree 6 (relative error < 2e-7 for |r| <= 1/2), 2^n written into the exponent
-// bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0.
+// bits. Inputs below -126 give 2^-126 ~ 1.2e-38, not 0; inputs up to 126 are exact to
+// the same error (above, the exponent overflows: callers keep x <= 126).
 template <typename V>
 inline V vexp2(V x) {
   using I = ints_t<V>;

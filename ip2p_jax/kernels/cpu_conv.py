@@ -7,8 +7,11 @@ these run at 125-150 there. Where a layer writes 128 channels or more XLA's forw
 fast or faster on AVX2 and these kernels' gradients still faster; built for AVX-512 (16
 floats a vector) they run at 210-290 GFLOP/s, 0.5-0.9 of XLA's forward time at every
 width (benchmarks/conv_benchmark.py, BENCHMARKS.md). So :func:`plan` gives a layer the
-kernel both ways, except on an 8-float build where it writes more than
-:data:`MAX_OUT_CHANNELS_8` channels: XLA's forward with the kernels' gradients. The input
+kernel both ways, except where XLA's forward is as fast, which keeps XLA's forward with
+the kernels' gradients: on an 8-float build a layer writing more than
+:data:`MAX_OUT_CHANNELS_8` channels; on any build output channels that are not a
+multiple of 8, or input channels that are not (zero-padded) fanning out to more than
+:data:`MAX_OUT_CHANNELS_8`. The input
 gradient is the convolution kernel on the flipped, transposed filter; the filter
 gradient is a kernel of its own. Built and registered by :mod:`ip2p_jax.kernels.build`.
 """

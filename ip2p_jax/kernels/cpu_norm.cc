@@ -9,9 +9,11 @@
 // evenly over them, as vmap over a model ensemble gives). The forward returns y and
 // each (b, g)'s mean and 1 / sqrt(var + eps) ``[..., G]``; the variance is two-pass
 // (PyTorch's numerics), its sums in float over blocks of 64 pixels and in double
-// across. XLA:CPU computed these as separate reductions and broadcasts, each a pass over
-// the activation; here a sample is three passes (sums, centred squares, output) forward
-// and two backward, the samples split over XLA's intra-op pool.
+// across (a layer norm's row in float). XLA:CPU computed these as separate reductions
+// and broadcasts, each a pass over the activation; here a sample is three passes forward
+// (channel sums, centred squares, output; SiLU applied to the output in a fourth) and
+// three backward (the two gradient sums, dx; with SiLU a first pass for the gradient
+// before it), the samples split over XLA's intra-op pool.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -208,16 +210,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
               *rp = rstd.typed_data(), *gp = dy.typed_data();
   float* dxp = dx->typed_data();
   const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
-  if (n.pixels == 1 && n.groups == 1 && n.sets == 1 && !with_silu) {  // a layer norm
+  if (n.pixels == 1 && n.groups == 1 && !with_silu) {  // a layer norm: a row a sample
     const long c = n.channels;
     const long chunks = std::min<long>(n.batch, 4 * std::max<long>(pool.num_threads(), 1));
     const long chunk = (n.batch + chunks - 1) / chunks;
-    // Per chunk and channel: sum dy, sum dy xhat (float within a chunk).
-    std::vector<float> part1(chunks * c, 0.0f), part2(chunks * c, 0.0f);
+    // Per chunk, parameter set and channel: sum dy, sum dy xhat (float within a chunk).
+    std::vector<float> part1(chunks * n.sets * c, 0.0f), part2(chunks * n.sets * c, 0.0f);
     parallel_for(pool, chunks, [&](long i) {
-      float *p1 = part1.data() + i * c, *p2 = part2.data() + i * c;
       for (long b = i * chunk; b < std::min(n.batch, (i + 1) * chunk); ++b) {
-        const float *row = xp + b * c, *grow = gp + b * c, *gamma = sp;
+        const long set = b / per_set;
+        float* p1 = part1.data() + (i * n.sets + set) * c;
+        float* p2 = part2.data() + (i * n.sets + set) * c;
+        const float *row = xp + b * c, *grow = gp + b * c, *gamma = sp + set * c;
         const float mu = mp[b], r = rp[b];
         float a = 0, q = 0;
         for (long j = 0; j < c; ++j) {
@@ -234,10 +238,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
           out[j] = r * (grow[j] * gamma[j] - a - (row[j] - mu) * r * q);
       }
     });
-    for (long i = 0; i < chunks; ++i)
+    for (long set = 0; set < n.sets; ++set)
       for (long j = 0; j < c; ++j) {
-        dbp[j] += part1[i * c + j];
-        dsp[j] += part2[i * c + j];
+        double s1 = 0, s2 = 0;
+        for (long i = 0; i < chunks; ++i) {
+          s1 += part1[(i * n.sets + set) * c + j];
+          s2 += part2[(i * n.sets + set) * c + j];
+        }
+        dbp[set * c + j] = static_cast<float>(s1);
+        dsp[set * c + j] = static_cast<float>(s2);
       }
     return ffi::Error::Success();
   }
@@ -262,7 +271,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
         float* z = dz->data();
         for (long p = 0; p < n.pixels; ++p)
           for (long c = 0; c < n.channels; ++c)
-            z[p * n.channels + c] = (xb[p * n.channels + c] - mu[c]) * (gamma[c] * r[c]) + beta[c];
+            z[p * n.channels + c] =
+                (xb[p * n.channels + c] - mu[c]) * (gamma[c] * r[c]) + beta[c];
         silu_grad(gb, z, size);
         gb = z;
       }
@@ -283,13 +293,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       }
     }
   });
-  for (long b = 0; b < n.batch; ++b) {
-    const long set = b / per_set;
+  for (long set = 0; set < n.sets; ++set)  // the samples' sums added in double, per set
     for (long c = 0; c < n.channels; ++c) {
-      dbp[set * n.channels + c] += static_cast<float>(s1[b * n.channels + c]);
-      dsp[set * n.channels + c] += static_cast<float>(s2[b * n.channels + c]);
+      double t1 = 0, t2 = 0;
+      for (long b = set * per_set; b < (set + 1) * per_set; ++b) {
+        t1 += s1[b * n.channels + c];
+        t2 += s2[b * n.channels + c];
+      }
+      dbp[set * n.channels + c] = static_cast<float>(t1);
+      dsp[set * n.channels + c] = static_cast<float>(t2);
     }
-  }
   return ffi::Error::Success();
 }
 

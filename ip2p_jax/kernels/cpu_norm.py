@@ -4,10 +4,11 @@ normalisation on the CPU as a C++ kernel behind XLA's FFI (``cpu_norm.cc``).
 XLA:CPU computes a normalisation as separate reductions, broadcasts and elementwise
 passes over the activation, and a layer norm's scale it materialises at the
 activation's size before its product; the kernel makes three passes forward (channel
-sums, centred squares, output) and two backward per sample, samples split over XLA's
-intra-op pool, statistics summed in double with a two-pass variance (PyTorch's
-numerics). ``models.layers.GroupNorm`` and ``LayerNorm`` call it on CPU for float32
-(:func:`takes`). Built and registered by :mod:`ip2p_jax.kernels.build`.
+sums, centred squares, output) and three backward per sample (one more each with the
+SiLU), samples split over XLA's intra-op pool, with a two-pass variance (PyTorch's
+numerics) whose sums run in float over 64-pixel blocks and in double across.
+``models.layers.GroupNorm`` and ``LayerNorm`` call it on CPU for float32 (:func:`takes`).
+Built and registered by :mod:`ip2p_jax.kernels.build`.
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
   if not build.load():
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS)")
   if x.ndim < 2 or x.shape[-1] % groups or scale.shape != x.shape[-1:] \
-      or bias.shape != scale.shape:
-    raise ValueError(f"normalize takes x [..., P, C] with C a multiple of groups and scale, "
-                     f"bias [C]; got {x.shape}, {scale.shape}, {bias.shape}, {groups} groups")
+      or bias.shape != scale.shape or not x.dtype == scale.dtype == bias.dtype == jnp.float32:
+    raise ValueError(f"normalize takes float32 x [..., P, C] with C a multiple of groups and "
+                     f"scale, bias [C]; got {x.dtype} {x.shape}, {scale.dtype} {scale.shape}, "
+                     f"{bias.dtype} {bias.shape}, {groups} groups")
   return _normalize((groups, bool(silu)), np.float32(eps), x, scale, bias)
 
 

@@ -63,8 +63,9 @@ class Conv(nn.Module):
   On CPU the float32 3x3 stride-1 layers run the C++ kernels of
   :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways,
   1.5-3x XLA:CPU's speed, except where XLA's forward is as fast: layers writing more
-  than 64 channels on an AVX2 build, or a channel count that is not a multiple of 8 out;
-  there the gradients only); everything else runs ``lax.conv_general_dilated``. Those
+  than 64 channels on an AVX2 build, output channels that are not a multiple of 8, or a
+  few input channels fanning out to more than 64; there the gradients only); everything
+  else runs ``lax.conv_general_dilated``. Those
   layers differentiate in reverse mode once (a custom VJP), not forward mode: set
   ``IP2P_KERNELS=off`` for ``jax.jvp`` or higher derivatives."""
   features: int
