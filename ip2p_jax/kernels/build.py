@@ -36,6 +36,8 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
 def flags() -> tuple[str, ...]:
   """The compiler flags: :data:`FLAGS` and then ``$IP2P_KERNELS_CXXFLAGS``."""
   return FLAGS + tuple(shlex.split(os.environ.get("IP2P_KERNELS_CXXFLAGS", "")))
+
+
 # FFI target name -> the library's handler symbol.
 TARGETS = {
     "ip2p_flash_forward": "Ip2pFlashForward",

@@ -101,21 +101,32 @@ void im2col(ffi::ThreadPool& pool, const Image& s, const float* x, float* cols) 
   });
 }
 
-// Tasks for a product over ``rows`` rows a kernel and ``cout`` columns: (kernel, block of
-// output channels, chunk of rows), enough for every thread. Few rows split their output
-// channels first (each task then reads only its block of the filter), then their rows.
+// Tasks for a product over ``rows`` rows a kernel (of ``row_pixels`` output pixels each)
+// and ``cout`` columns: (kernel, block of output channels, chunk of rows), enough for
+// every thread. Few pixels split their output channels first (each task then reads only
+// its block of the filter), then their rows.
 struct Split {
-  long blocks, block, chunks, chunk;
-  Split(ffi::ThreadPool& pool, Tile tile, long groups, long rows, long cout) {
+  struct Task {
+    long group, c0, nc, r0, r1;  // kernel, output channels [c0, c0 + nc), rows [r0, r1)
+    bool empty() const { return r0 >= r1 || nc <= 0; }
+  };
+  long rows, cout, blocks, block, chunks, chunk;
+  Split(ffi::ThreadPool& pool, Tile tile, long groups, long rows, long row_pixels, long cout)
+      : rows(rows), cout(cout) {
     const long want = 4 * std::max<long>(pool.num_threads(), 1);
     const long width = tile.vectors * VW, widths = (cout + width - 1) / width;
-    blocks = std::clamp<long>(want * 512 / std::max<long>(groups * rows, 1), 1,
+    blocks = std::clamp<long>(want * 512 / std::max<long>(groups * rows * row_pixels, 1), 1,
                               std::min(widths, want));
     block = (widths + blocks - 1) / blocks * width;
     chunks = std::min(rows, std::max<long>(1, (want + groups * blocks - 1) / (groups * blocks)));
     chunk = (rows + chunks - 1) / chunks;
   }
   long tasks(long groups) const { return groups * blocks * chunks; }
+  Task at(long task) const {
+    const long c0 = task / chunks % blocks * block, r0 = task % chunks * chunk;
+    return Task{task / (blocks * chunks), c0, std::min(block, cout - c0), r0,
+                std::min(rows, r0 + chunk)};
+  }
 };
 
 ffi::Error check(const Image& s, long out_channels, long groups) {
@@ -163,41 +174,35 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     const long rows = per_group * s.height * s.width, k = 9 * s.channels;
     Scratch cols(s.batch * s.height * s.width * k, false);
     im2col(pool, s, x.typed_data(), cols.data());
-    const Split split(pool, tile, groups, rows, cout);
+    const Split split(pool, tile, groups, rows, 1, cout);
     parallel_for(pool, split.tasks(groups), [&](long task) {
-      const long g = task / (split.blocks * split.chunks);
-      const long c0 = task / split.chunks % split.blocks * split.block;
-      const long r0 = task % split.chunks * split.chunk, r1 = std::min(rows, r0 + split.chunk);
-      const long nc = std::min(split.block, cout - c0);
-      if (r0 >= r1 || nc <= 0) return;
-      gemm(tile, r1 - r0, nc, k, cols.data() + (g * rows + r0) * k, k, 1, wp + g * kernel + c0,
-           cout, 0, yp + (g * rows + r0) * cout + c0, cout, false);
+      const Split::Task t = split.at(task);
+      if (t.empty()) return;
+      const long r = t.group * rows + t.r0;
+      gemm(tile, t.r1 - t.r0, t.nc, k, cols.data() + r * k, k, 1, wp + t.group * kernel + t.c0,
+           cout, 0, yp + r * cout + t.c0, cout, false);
     });
     return ffi::Error::Success();
   }
   const long rows = s.stacked_rows(per_group);
-  const Split split(pool, tile, groups, rows * pw, cout);
-  const long chunk = (rows + split.chunks - 1) / split.chunks;  // in stacked rows
+  const Split split(pool, tile, groups, rows, pw, cout);
   Scratch stack((s.stacked_rows(s.batch) + 3) * pw * s.channels, false);
   stack_images(pool, s, x.typed_data(), stack.data());
   const auto off = tap_offsets(s);
   parallel_for(pool, split.tasks(groups), [&](long task) {
-    const long g = task / (split.blocks * split.chunks);
-    const long c0 = task / split.chunks % split.blocks * split.block;
-    const long r0 = task % split.chunks * chunk, r1 = std::min(rows, r0 + chunk);
-    const long nc = std::min(split.block, cout - c0);
-    if (r0 >= r1 || nc <= 0) return;
-    Scratch out((r1 - r0) * pw * nc, false);  // the product writes all of it
-    gemm(tile, (r1 - r0) * pw, nc, s.channels,
-         stack.data() + (g * rows + r0) * pw * s.channels, s.channels, 1,
-         wp + g * kernel + c0, cout, 0, out.data(), nc, false,
+    const Split::Task t = split.at(task);
+    if (t.empty()) return;
+    Scratch out((t.r1 - t.r0) * pw * t.nc, false);  // the product writes all of it
+    gemm(tile, (t.r1 - t.r0) * pw, t.nc, s.channels,
+         stack.data() + (t.group * rows + t.r0) * pw * s.channels, s.channels, 1,
+         wp + t.group * kernel + t.c0, cout, 0, out.data(), t.nc, false,
          Taps{9, off.data(), s.channels * cout});
-    for (long r = r0; r < r1; ++r) {
-      const long n = g * per_group + r / (s.height + 1), yy = r % (s.height + 1);
+    for (long r = t.r0; r < t.r1; ++r) {
+      const long n = t.group * per_group + r / (s.height + 1), yy = r % (s.height + 1);
       if (yy == s.height) continue;  // the junk row under each image
       for (long xx = 0; xx < s.width; ++xx)
-        std::memcpy(yp + ((n * s.height + yy) * s.width + xx) * cout + c0,
-                    out.data() + ((r - r0) * pw + xx) * nc, nc * sizeof(float));
+        std::memcpy(yp + ((n * s.height + yy) * s.width + xx) * cout + t.c0,
+                    out.data() + ((r - t.r0) * pw + xx) * t.nc, t.nc * sizeof(float));
     }
   });
   return ffi::Error::Success();

@@ -71,21 +71,28 @@ def _xla(x, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _channels(x, multiple):
-  """``x`` with zero channels (last axis) up to a multiple of ``multiple``."""
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % multiple)])
+def _up8(n: int) -> int:
+  return n + -n % 8
+
+
+def _pad8(x, axes=(-1,)):
+  """``x`` with zeros appended along ``axes`` up to multiples of 8 (channels the kernel
+  takes; the zeros add nothing)."""
+  widths = [(0, 0)] * x.ndim
+  for axis in axes:
+    widths[axis] = (0, -x.shape[axis] % 8)
+  return jnp.pad(x, widths)
 
 
 def _call(x, kernel, flip=False):
   """The kernel's convolution; ``flip``: with ``kernel`` flipped and its channels swapped
   (the input gradient), rearranged inside the call. Channels are padded to multiples of
   8 around the call."""
-  cin, cout = kernel.shape[-2:]
-  kernel = _channels(jnp.swapaxes(_channels(jnp.swapaxes(kernel, -1, -2), 8), -1, -2), 8)
-  out_channels = cin if flip else cout
-  x = _channels(x, 8)
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (-out_channels % 8 + out_channels,), x.dtype)
-  y = jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel, flip=flip)
+  out_channels = kernel.shape[-2 if flip else -1]
+  x = _pad8(x)
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (_up8(out_channels),), x.dtype)
+  y = jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, _pad8(kernel, (-2, -1)),
+                                                                flip=flip)
   return y[..., :out_channels]
 
 
@@ -101,11 +108,10 @@ def _conv_forward(xla_forward, x, kernel):
 def _conv_backward(xla_forward, residuals, dy):
   del xla_forward
   x, kernel = residuals
-  dx = _call(dy, kernel, flip=True)
-  padded = kernel.shape[:-2] + tuple(-c % 8 + c for c in kernel.shape[-2:])
-  dw = jax.ffi.ffi_call(FILTER, jax.ShapeDtypeStruct(padded, kernel.dtype),
-                        vmap_method="broadcast_all")(_channels(x, 8), _channels(dy, 8))
-  return dx, dw[..., :kernel.shape[-2], :kernel.shape[-1]]
+  cin, cout = kernel.shape[-2:]
+  padded = jax.ShapeDtypeStruct(kernel.shape[:-2] + (_up8(cin), _up8(cout)), kernel.dtype)
+  dw = jax.ffi.ffi_call(FILTER, padded, vmap_method="broadcast_all")(_pad8(x), _pad8(dy))
+  return _call(dy, kernel, flip=True), dw[..., :cin, :cout]
 
 
 _conv.defvjp(_conv_forward, _conv_backward)

@@ -55,14 +55,18 @@ ffi::Error check(const Norm& n, ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
-// body(b0, b1) over chunks of the samples, a few chunks per thread (a layer norm has a
-// sample per token: one task each would cost more than its work).
-template <typename F>
-void for_samples(ffi::ThreadPool& pool, long batch, const F& body) {
-  const long chunks = std::min<long>(batch, 4 * std::max<long>(pool.num_threads(), 1));
-  const long chunk = (batch + chunks - 1) / chunks;
-  parallel_for(pool, chunks, [&](long i) { body(i * chunk, std::min(batch, (i + 1) * chunk)); });
-}
+// The samples in chunks, a few per thread (a layer norm has a sample per token: one task
+// each would cost more than its work); run() calls body(i, b0, b1) for chunk i.
+struct SampleChunks {
+  long batch, count, size;
+  SampleChunks(ffi::ThreadPool& pool, long batch)
+      : batch(batch), count(std::min<long>(batch, 4 * std::max<long>(pool.num_threads(), 1))),
+        size(count ? (batch + count - 1) / count : 0) {}
+  template <typename F>
+  void run(ffi::ThreadPool& pool, const F& body) const {
+    parallel_for(pool, count, [&](long i) { body(i, i * size, std::min(batch, (i + 1) * size)); });
+  }
+};
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -151,7 +155,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
   const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
   if (n.pixels == 1 && n.groups == 1 && !with_silu) {
-    for_samples(pool, n.batch, [&](long b0, long b1) {
+    SampleChunks(pool, n.batch).run(pool, [&](long, long b0, long b1) {
       for (long b = b0; b < b1;) {  // runs of samples that share parameters
         const long e = std::min(b1, (b / per_set + 1) * per_set), set = b / per_set;
         layer_norm_rows(n, xp, sp + set * n.channels, bp + set * n.channels, eps, b, e, yp,
@@ -161,7 +165,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     });
     return ffi::Error::Success();
   }
-  for_samples(pool, n.batch, [&](long b0, long b1) {
+  SampleChunks(pool, n.batch).run(pool, [&](long, long b0, long b1) {
     std::vector<double> sums(n.channels);
     std::vector<float> block(n.channels), mu(n.channels), var(n.channels), a(n.channels);
     for (long b = b0; b < b1; ++b) {
@@ -212,12 +216,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const long per_set = n.batch / n.sets, size = n.pixels * n.channels, k = n.per_group();
   if (n.pixels == 1 && n.groups == 1 && !with_silu) {  // a layer norm: a row a sample
     const long c = n.channels;
-    const long chunks = std::min<long>(n.batch, 4 * std::max<long>(pool.num_threads(), 1));
-    const long chunk = (n.batch + chunks - 1) / chunks;
+    const SampleChunks chunks(pool, n.batch);
     // Per chunk, parameter set and channel: sum dy, sum dy xhat (float within a chunk).
-    std::vector<float> part1(chunks * n.sets * c, 0.0f), part2(chunks * n.sets * c, 0.0f);
-    parallel_for(pool, chunks, [&](long i) {
-      for (long b = i * chunk; b < std::min(n.batch, (i + 1) * chunk); ++b) {
+    std::vector<float> part1(chunks.count * n.sets * c, 0.0f), part2(part1.size(), 0.0f);
+    chunks.run(pool, [&](long i, long b0, long b1) {
+      for (long b = b0; b < b1; ++b) {
         const long set = b / per_set;
         float* p1 = part1.data() + (i * n.sets + set) * c;
         float* p2 = part2.data() + (i * n.sets + set) * c;
@@ -241,7 +244,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     for (long set = 0; set < n.sets; ++set)
       for (long j = 0; j < c; ++j) {
         double s1 = 0, s2 = 0;
-        for (long i = 0; i < chunks; ++i) {
+        for (long i = 0; i < chunks.count; ++i) {
           s1 += part1[(i * n.sets + set) * c + j];
           s2 += part2[(i * n.sets + set) * c + j];
         }
@@ -253,7 +256,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   // Per sample and channel: sum dy and sum dy xhat, for dbeta and dgamma.
   std::vector<double> s1(n.batch * n.channels), s2(n.batch * n.channels);
   const float* bp = bias.typed_data();
-  for_samples(pool, n.batch, [&](long b0, long b1) {
+  SampleChunks(pool, n.batch).run(pool, [&](long, long b0, long b1) {
     std::vector<float> block(n.channels), mu(n.channels), r(n.channels), ma(n.channels),
         mb(n.channels);
     std::vector<double> weighted(n.channels);
