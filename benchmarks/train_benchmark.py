@@ -88,7 +88,8 @@ def our_step(parts, batch):
   optimizer = state_lib.make_optimizer(config)
   frozen = {k: parts.params[k] for k in ("vae", "text_encoder")}
   step = jax.jit(make_step(loss, optimizer, state_lib.learning_rate_schedule(config),
-                           ema_decay=0.9999), donate_argnums=(0,))
+                           ema_decay=0.9999, fused=state_lib.FusedAdamW.of(config)),
+                 donate_argnums=(0,))
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
   holder = [state_lib.create(parts.params["unet"], optimizer, 0)]
 

@@ -229,7 +229,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     step_fn = jax.jit(make_step(job.loss, optimizer, schedule, ema_decay=config.ema_decay,
-                                grad_accum_steps=config.grad_accum_steps),
+                                grad_accum_steps=config.grad_accum_steps,
+                                fused=state_lib.FusedAdamW.of(config)),
                       in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
 

@@ -12,10 +12,18 @@ from ip2p_jax.train import state as state_lib
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-              schedule: optax.Schedule, *, ema_decay: float, grad_accum_steps: int = 1):
+              schedule: optax.Schedule, *, ema_decay: float, grad_accum_steps: int = 1,
+              fused: state_lib.FusedAdamW | None = None):
   """``step(state, frozen, batch) -> (state, metrics)``; the batch's leading axis is
-  the global batch, split into ``grad_accum_steps`` micro-batches."""
+  the global batch, split into ``grad_accum_steps`` micro-batches. The update is
+  ``optimizer``'s, or ``fused``'s (the same AdamW as one CPU pass) where it is given and
+  the parameters are float32."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  generic = state_lib.optax_update(optimizer)
+
+  def update(grads, state, decay):
+    float32 = all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    return (fused.update if fused is not None and float32 else generic)(grads, state, decay)
 
   def step(state: state_lib.TrainState, frozen, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -37,10 +45,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       (grads, metrics), _ = jax.lax.scan(accumulate, init,
                                          (jnp.arange(grad_accum_steps), micro))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state_lib.ema_update(state.ema_params, params,
-                               state_lib.ema_decay(state.step, ema_decay))
+    params, opt_state, ema = update(grads, state, state_lib.ema_decay(state.step, ema_decay))
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, metrics
