@@ -38,7 +38,8 @@ GROUPS = (  # (group, test on the op_name metadata), first match wins
     ("VAE (frozen / decode)", lambda n: "AutoencoderKL" in n),
     ("text encoder (frozen)", lambda n: "CLIPText" in n),
     ("attention core (attend)", lambda n: ".attend" in n),
-    ("convolution", lambda n: n.endswith("conv_general_dilated")),
+    ("convolution", lambda n: n.endswith("conv_general_dilated")  # XLA's, or the C++ kernel's
+     or re.search(r"/conv(\d|_in|_out|_shortcut)?/ffi_call$", n) is not None),
     ("attention projections", lambda n: re.search(r"/attn[12]/", n) is not None),
     ("normalisation", lambda n: re.search(r"/(norm\d?|conv_norm_out)/", n) is not None),
     ("feed-forward", lambda n: "/ff/" in n),
@@ -139,18 +140,24 @@ def profile(run, runs: int, top: int) -> None:
   print("|---|---:|---:|")
   for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
     print(f"| {group} | {ms:.1f} | {ms / total:.0%} |")
-  kinds: dict[str, float] = collections.defaultdict(float)
-  for key, ms in per_op.items():  # the instruction's kind: its name without the number
-    kinds[re.sub(r"\.\d+$", "", key[1])] += ms
-  print("by kind of instruction (ms per run): " + ", ".join(
-      f"{kind} {ms:.1f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]))
+  print("by kind of instruction (ms per run): " + by_kind(per_op.items(), 12))
   print("heaviest instructions of each group (ms per run):")
   for group in sorted(groups, key=lambda g: -groups[g]):
     ops = sorted((kv for kv in per_op.items() if group_of(known.get(kv[0], "")) == group),
                  key=lambda kv: -kv[1])
-    print(f"  {group}:")
+    print(f"  {group} (by kind: {by_kind(ops, 5)}):")
     for key, ms in ops[:top]:
       print(f"    {ms:7.2f}  {key[1]}  {known.get(key, '')[-100:]}")
+
+
+def by_kind(ops, count: int) -> str:
+  """The milliseconds of ``(key, ms)`` pairs summed by instruction kind (an instruction's
+  name without its number), the ``count`` largest."""
+  kinds: dict[str, float] = collections.defaultdict(float)
+  for key, ms in ops:
+    kinds[re.sub(r"\.\d+$", "", key[1])] += ms
+  return ", ".join(f"{kind} {ms:.1f}"
+                   for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:count])
 
 
 def _timed(fn) -> float:
