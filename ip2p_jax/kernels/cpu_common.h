@@ -246,6 +246,104 @@ inline void gemm(Tile t, long M, long N, long K, const float* A, long ars, long 
   }
 }
 
+// C[R x NV lanes] (+)= sum over taps t of A_t B_t over k < K, A_t's R rows each
+// contiguous in k at their own pointers ``rows[t R + r]`` (an indirect product: a
+// convolution's output pixels whose neighbourhoods are not evenly spaced, as at the end
+// of an image row); B_t = B + t b_stride, row-major (ldb).
+template <typename V, int R, int NV>
+void micro_rows(long K, const float* const* rows, int taps, const float* B, long ldb,
+                long b_stride, float* C, long ldc, bool accumulate) {
+  constexpr int L = lanes<V>;
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? load<V>(C + r * ldc + v * L) : splat<V>(0);
+  for (int t = 0; t < taps; ++t) {
+    const float* a[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[r] = rows[t * R + r];
+    const float* bt = B + t * b_stride;
+    for (long k = 0; k < K; ++k) {
+      const float* b = bt + k * ldb;
+      V bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + v * L);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        V x = splat<V>(a[r][k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, acc[r][v]);
+}
+
+using MicroRows = void (*)(long, const float* const*, int, const float*, long, long, float*,
+                           long, bool);
+template <typename V, int R, int... NV>
+constexpr std::array<MicroRows, kMaxNV> rows_row_of(std::integer_sequence<int, NV...>) {
+  return {micro_rows<V, R, NV + 1>...};
+}
+template <typename V, int... R>
+constexpr std::array<std::array<MicroRows, kMaxNV>, kMaxR> rows_table(
+    std::integer_sequence<int, R...>) {
+  return {rows_row_of<V, R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
+}
+template <int... R>
+constexpr std::array<MicroRows, kMaxR> rows_half_table(std::integer_sequence<int, R...>) {
+  return {micro_rows<v8, R + 1, 1>...};
+}
+constexpr auto kMicroRows = rows_table<vf>(std::make_integer_sequence<int, kMaxR>());
+constexpr auto kHalfRows = rows_half_table(std::make_integer_sequence<int, kMaxR>());
+
+// gemm's indirect twin for convolutions: C[M x N] (+)= sum over taps t < taps.count of
+// A_t B_t, where row m of A_t starts at A + row_offset[m] + taps.a_offset[t] (K floats,
+// contiguous) and B_t = B + t taps.b_stride (row-major, ldb). B is cut into L1-sized
+// slices as in gemm.
+inline void gemm_rows(Tile t, long M, long N, long K, const float* A, const long* row_offset,
+                      const float* B, long ldb, float* C, long ldc, bool accumulate,
+                      const Taps& taps) {
+  constexpr long kBudget = 16 << 10;
+  constexpr int kMaxTaps = 9;
+  const long width = t.vectors * VW;
+  const long slice = std::max<long>(W, kBudget / (4 * width));
+  const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1,
+                                      std::min(taps.count, kMaxTaps));
+  const float* ptr[kMaxTaps * kMaxR];
+  for (long j = 0; j < N; j += width) {
+    const long cols = std::min(width, N - j);
+    const int nv = static_cast<int>(cols / VW);
+    const bool half = cols % VW != 0;
+    for (long g0 = 0; g0 < taps.count; g0 += group) {
+      const int count = static_cast<int>(std::min<long>(group, taps.count - g0));
+      const float* bg = B + j + g0 * taps.b_stride;
+      const bool acc = accumulate || g0 > 0;
+      for (long k0 = 0; k0 < K; k0 += slice) {
+        const long kn = std::min(slice, K - k0);
+        for (long i = 0; i < M; i += t.rows) {
+          const int r = static_cast<int>(std::min<long>(t.rows, M - i));
+          for (int tap = 0; tap < count; ++tap)
+            for (int q = 0; q < r; ++q)
+              ptr[tap * r + q] = A + row_offset[i + q] + taps.a_offset[g0 + tap] + k0;
+          float* c = C + i * ldc + j;
+          if (nv > 0)
+            kMicroRows[r - 1][nv - 1](kn, ptr, count, bg + k0 * ldb, ldb, taps.b_stride, c,
+                                      ldc, acc || k0 > 0);
+          if (half)
+            kHalfRows[r - 1](kn, ptr, count, bg + k0 * ldb + nv * VW, ldb, taps.b_stride,
+                             c + nv * VW, ldc, acc || k0 > 0);
+        }
+      }
+    }
+  }
+}
+
 // body(i) for i < n on the caller and XLA's intra-op pool. Helpers that start after
 // the last task was claimed return at once, so none waits on another.
 template <typename F>

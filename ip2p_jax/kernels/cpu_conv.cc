@@ -6,15 +6,18 @@
 //
 // XLA:CPU runs these at 60-80 GFLOP/s on two cores where the channels are 64 or fewer
 // (PyTorch's oneDNN: ~150; BENCHMARKS.md). Here the images are zero-padded once into one
-// stack (stack_images), and the output is computed over the padded width (two junk
-// columns a row and one junk row an image, dropped on the way out) so that every tap
-// (dy, dx) reads the stack as one matrix with rows Cin apart, shifted by
-// (dy (W + 2) + dx) pixels: the 9 taps are one product of cpu_common.h's ``gemm`` with
-// its accumulators held in registers across all of them. The kernel gradient is 9
-// products ``x_t^T dy`` over the stacked pixels (dy's junk rows and columns are zero).
+// stack (stack_images). The forward is one indirect product (cpu_common.h's
+// ``gemm_rows``): each output pixel's tap (dy, dx) is a row of Cin floats of the stack at
+// the pixel's own offset plus (dy (W + 2) + dx) pixels, its accumulators held in
+// registers across all 9 taps, the output written in place. The kernel gradient is 9
+// products ``x_t^T dy`` over the stacked pixels, computed over the padded width (two
+// junk columns a row and one junk row an image, where dy is laid out as zeros) so that
+// each tap reads the stack as one matrix; images of at most 64 pixels gather their
+// neighbourhoods (im2col) instead.
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -51,10 +54,9 @@ long groups_of(ffi::Span<const int64_t> d) {
 // floats): image n takes stacked rows [n (H + 1), (n + 1)(H + 1)), a zero row (its top
 // padding and the bottom padding of the image before) then its H rows, each W + 2 pixels
 // with a zero pixel at either end; three zero rows close the stack (the last image's
-// bottom padding, and slack: the junk outputs of the last row read two pixels past it).
-// Computed over the stack, a product's rows are output pixels of every image at once
-// (one junk row an image, two junk columns a row), so a small image does not read the
-// whole filter for its few pixels.
+// bottom padding, and slack: the kernel gradient's junk pixels of the last row read two
+// pixels past it). A product's rows are output pixels of every image at once, so a small
+// image does not read the whole filter for its few pixels.
 void stack_images(ffi::ThreadPool& pool, const Image& s, const float* x, float* stack) {
   const long pw = s.padded_width(), c = s.channels, rows = s.stacked_rows(s.batch);
   parallel_for(pool, s.batch, [&](long n) {
@@ -77,8 +79,9 @@ std::array<long, 9> tap_offsets(const Image& s) {
   return off;
 }
 
-// Images of at most this many pixels gather their 3x3 neighbourhoods (im2col) instead:
-// stacked, a 4 x 4 image computes 5 x 6 outputs for its 16 and an 8 x 8 one 9 x 10 for 64.
+// The kernel gradients of images of at most this many pixels gather their 3x3
+// neighbourhoods (im2col): over the padded width, a 4 x 4 image would sum 5 x 6 pixels
+// for its 16 and an 8 x 8 one 9 x 10 for 64.
 constexpr long kIm2colPixels = 64;
 
 // Every pixel's 3x3 neighbourhood as a row of 9 C floats, tap-major (zeros outside the
@@ -170,40 +173,27 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const long per_group = s.batch / groups;
   const Tile tile = Tile::for_width(cout);
   float* yp = y->typed_data();
-  if (s.height * s.width <= kIm2colPixels) {
-    const long rows = per_group * s.height * s.width, k = 9 * s.channels;
-    Scratch cols(s.batch * s.height * s.width * k, false);
-    im2col(pool, s, x.typed_data(), cols.data());
-    const Split split(pool, tile, groups, rows, 1, cout);
-    parallel_for(pool, split.tasks(groups), [&](long task) {
-      const Split::Task t = split.at(task);
-      if (t.empty()) return;
-      const long r = t.group * rows + t.r0;
-      gemm(tile, t.r1 - t.r0, t.nc, k, cols.data() + r * k, k, 1, wp + t.group * kernel + t.c0,
-           cout, 0, yp + r * cout + t.c0, cout, false);
-    });
-    return ffi::Error::Success();
-  }
-  const long rows = s.stacked_rows(per_group);
-  const Split split(pool, tile, groups, rows, pw, cout);
+  // Every output pixel's neighbourhood read in place from the stack (an indirect
+  // product: no junk pixels computed, the output written where it belongs).
+  const long pixels = per_group * s.height * s.width;
+  const Split split(pool, tile, groups, per_group * s.height, s.width, cout);
   Scratch stack((s.stacked_rows(s.batch) + 3) * pw * s.channels, false);
   stack_images(pool, s, x.typed_data(), stack.data());
+  std::vector<long> at(s.batch * s.height * s.width);  // pixel -> its top-left tap
+  parallel_for(pool, s.batch, [&](long n) {
+    for (long yy = 0; yy < s.height; ++yy)
+      for (long xx = 0; xx < s.width; ++xx)
+        at[(n * s.height + yy) * s.width + xx] =
+            ((s.stacked_rows(n) + yy) * pw + xx) * s.channels;
+  });
   const auto off = tap_offsets(s);
   parallel_for(pool, split.tasks(groups), [&](long task) {
     const Split::Task t = split.at(task);
     if (t.empty()) return;
-    Scratch out((t.r1 - t.r0) * pw * t.nc, false);  // the product writes all of it
-    gemm(tile, (t.r1 - t.r0) * pw, t.nc, s.channels,
-         stack.data() + (t.group * rows + t.r0) * pw * s.channels, s.channels, 1,
-         wp + t.group * kernel + t.c0, cout, 0, out.data(), t.nc, false,
-         Taps{9, off.data(), s.channels * cout});
-    for (long r = t.r0; r < t.r1; ++r) {
-      const long n = t.group * per_group + r / (s.height + 1), yy = r % (s.height + 1);
-      if (yy == s.height) continue;  // the junk row under each image
-      for (long xx = 0; xx < s.width; ++xx)
-        std::memcpy(yp + ((n * s.height + yy) * s.width + xx) * cout + t.c0,
-                    out.data() + ((r - t.r0) * pw + xx) * t.nc, t.nc * sizeof(float));
-    }
+    const long p0 = t.group * pixels + t.r0 * s.width, count = (t.r1 - t.r0) * s.width;
+    gemm_rows(tile, count, t.nc, s.channels, stack.data(), at.data() + p0,
+              wp + t.group * kernel + t.c0, cout, yp + p0 * cout + t.c0, cout, false,
+              Taps{9, off.data(), s.channels * cout});
   });
   return ffi::Error::Success();
 }
