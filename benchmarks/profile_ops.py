@@ -39,7 +39,8 @@ GROUPS = (  # (group, test on the op_name metadata), first match wins
     ("text encoder (frozen)", lambda n: "CLIPText" in n),
     ("attention core (attend)", lambda n: ".attend" in n),
     ("convolution", lambda n: n.endswith("conv_general_dilated")  # XLA's, or the C++ kernel's
-     or re.search(r"/conv(\d|_in|_out|_shortcut)?/ffi_call$", n) is not None),
+     or re.search(r"/conv(\d|_in|_out|_shortcut)?/ffi_call$", n) is not None
+     or n.endswith("conv_shortcut/dot_general")),  # a 1x1 convolution as a product
     ("attention projections", lambda n: re.search(r"/attn[12]/", n) is not None),
     ("normalisation", lambda n: re.search(r"/(norm\d?|conv_norm_out)/", n) is not None),
     ("feed-forward", lambda n: "/ff/" in n),

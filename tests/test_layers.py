@@ -101,3 +101,26 @@ def test_group_norm_equals_flax_group_norm(shape, groups, dtype):
     for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
                     jax.tree.leaves(jax.grad(loss(flax), argnums=(0, 1))(params, x))):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [None, "VALID", "SAME"])
+def test_1x1_conv_is_a_product_equal_to_flax_conv_both_ways(padding):
+  """A 1x1 stride-1 convolution runs as one product over the channels (XLA:CPU's 1x1
+  convolutions ran at a quarter of its products' speed): no convolution in the program
+  either way, and values and gradients equal flax's nn.Conv within float32 rounding
+  (1e-5 of the largest entry, sums over 48 channels)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 48)), jnp.float32)
+  kw = {} if padding is None else {"padding": padding}
+  ours = layers.conv(24, 1, **kw)
+  params = jax.tree.map(lambda p: p + 0.1, nn.unbox(ours.init(jax.random.key(0), x)))
+  theirs = nn.Conv(24, (1, 1), padding="VALID")
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  program = jax.jit(jax.grad(loss(ours), (0, 1))).lower(params, x).as_text()
+  assert "convolution" not in program and "dot_general" in program
+  for got, want in zip(jax.tree.leaves((ours.apply(params, x),
+                                        jax.grad(loss(ours), (0, 1))(params, x))),
+                       jax.tree.leaves((theirs.apply(params, x),
+                                        jax.grad(loss(theirs), (0, 1))(params, x)))):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

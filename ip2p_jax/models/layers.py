@@ -89,6 +89,10 @@ class Conv(nn.Module):
             if jax.default_backend() == "cpu" else None)
     if plan and kernels.load():
       y = cpu_conv.conv3x3(x, kernel, xla_forward=plan == "gradients")
+    elif k == 1 and self.stride == 1 and _unpadded(self.padding):
+      # A product over the channels: XLA:CPU ran 1x1 convolutions at 40-80 GFLOP/s,
+      # its products at ~250 (a 10-step 128 px edit's largest conv_shortcut: 17.7 -> 6.3 ms).
+      y = jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
     else:
       y = jax.lax.conv_general_dilated(x, kernel, strides, self.padding,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -97,6 +101,10 @@ class Conv(nn.Module):
                         (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _unpadded(padding) -> bool:
+  return padding in ("VALID", "SAME") or all(tuple(p) == (0, 0) for p in padding)
 
 
 def group_norm(num_groups: int, epsilon: float, *, silu: bool = False,
