@@ -2,9 +2,9 @@
 the CPU, as a C++ kernel behind XLA's FFI (``cpu_adamw.cc``).
 
 XLA:CPU runs optax's chain (``clip_by_global_norm``, ``adamw``, ``apply_updates``) and
-the EMA as several loop fusions per leaf at ~7 GB/s; the kernel streams each element's
-parameter, gradient, moments and EMA once (~22 GB/s on the same two cores), every leaf
-in one call, the outputs aliased to the inputs so that a donated train state is updated
+the EMA as several loop fusions per leaf (49 ms for the small UNet's 18M parameters on
+two cores); the kernel streams each element's parameter, gradient, moments and EMA once
+(21 ms), every leaf in one call, the outputs aliased to the inputs so that a donated train state is updated
 in place. :func:`ip2p_jax.train.state.fused_update` uses it where :func:`takes` says.
 Built and registered by :mod:`ip2p_jax.kernels.build`.
 """
