@@ -13,7 +13,7 @@
 // products ``x_t^T dy`` over the stacked pixels, computed over the padded width (two
 // junk columns a row and one junk row an image, where dy is laid out as zeros) so that
 // each tap reads the stack as one matrix; images of at most 64 pixels gather their
-// neighbourhoods (im2col) instead, as does the forward of a few input channels.
+// neighbourhoods (im2col) instead.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -81,8 +81,7 @@ std::array<long, 9> tap_offsets(const Image& s) {
 
 // The kernel gradients of images of at most this many pixels gather their 3x3
 // neighbourhoods (im2col): over the padded width, a 4 x 4 image would sum 5 x 6 pixels
-// for its 16 and an 8 x 8 one 9 x 10 for 64. So does the forward of input channels that
-// are not a multiple of 8 (an image's 3: 27 floats a pixel instead of 72 padded).
+// for its 16 and an 8 x 8 one 9 x 10 for 64.
 constexpr long kIm2colPixels = 64;
 
 // Every pixel's 3x3 neighbourhood as a row of 9 C floats, tap-major (zeros outside the
@@ -96,13 +95,10 @@ void im2col(ffi::ThreadPool& pool, const Image& s, const float* x, float* cols) 
         float* row = cols + ((n * h + y) * w + xx) * 9 * c;
         for (long t = 0; t < 9; ++t) {
           const long sy = y + t / 3 - 1, sx = xx + t % 3 - 1;
-          float* to = row + t * c;
           if (sy < 0 || sy >= h || sx < 0 || sx >= w)
-            std::fill(to, to + c, 0.0f);
-          else if (c < 16)  // an image's 3 channels: a call to memcpy costs more
-            for (long i = 0; i < c; ++i) to[i] = x[((n * h + sy) * w + sx) * c + i];
+            std::fill(row + t * c, row + (t + 1) * c, 0.0f);
           else
-            std::memcpy(to, x + ((n * h + sy) * w + sx) * c, c * sizeof(float));
+            std::memcpy(row + t * c, x + ((n * h + sy) * w + sx) * c, c * sizeof(float));
         }
       }
   });
@@ -136,12 +132,9 @@ struct Split {
   }
 };
 
-// ``any_in``: any positive number of input channels (the forward's gathered path).
-ffi::Error check(const Image& s, long out_channels, long groups, bool any_in = false) {
-  if ((s.channels % W != 0 && !any_in) || out_channels % W != 0 || s.channels == 0 ||
-      out_channels == 0)
-    return ffi::Error::InvalidArgument("channels must be positive multiples of 8 (the "
-                                       "forward's input: any), got " +
+ffi::Error check(const Image& s, long out_channels, long groups) {
+  if (s.channels % W != 0 || out_channels % W != 0 || s.channels == 0 || out_channels == 0)
+    return ffi::Error::InvalidArgument("channels must be positive multiples of 8, got " +
                                        std::to_string(s.channels) + " -> " +
                                        std::to_string(out_channels));
   if (s.batch % groups != 0)
@@ -160,7 +153,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const long cout = flip ? wd[wd.size() - 2] : wd.back(), pw = s.padded_width();
   const long groups = groups_of(wd), kernel = 9 * s.channels * cout;
   if (y->element_count() == 0) return ffi::Error::Success();  // nothing to write
-  if (auto e = check(s, cout, groups, !flip); e.failure()) return e;
+  if (auto e = check(s, cout, groups); e.failure()) return e;
   if ((flip ? wd.back() : wd[wd.size() - 2]) != s.channels)
     return ffi::Error::InvalidArgument("the kernel's input channels must be the image's");
   std::unique_ptr<Scratch> flipped;
@@ -180,20 +173,6 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const long per_group = s.batch / groups;
   const Tile tile = Tile::for_width(cout);
   float* yp = y->typed_data();
-  if (s.channels % W != 0) {  // a few channels (an image's 3): one product, K = 9 Cin
-    const long pixels = per_group * s.height * s.width, k = 9 * s.channels;
-    Scratch cols(s.batch * s.height * s.width * k, false);
-    im2col(pool, s, x.typed_data(), cols.data());
-    const Split split(pool, tile, groups, pixels, 1, cout);
-    parallel_for(pool, split.tasks(groups), [&](long task) {
-      const Split::Task t = split.at(task);
-      if (t.empty()) return;
-      const long r = t.group * pixels + t.r0;
-      gemm(tile, t.r1 - t.r0, t.nc, k, cols.data() + r * k, k, 1, wp + t.group * kernel + t.c0,
-           cout, 0, yp + r * cout + t.c0, cout, false);
-    });
-    return ffi::Error::Success();
-  }
   // Every output pixel's neighbourhood read in place from the stack (an indirect
   // product: no junk pixels computed, the output written where it belongs).
   const long pixels = per_group * s.height * s.width;

@@ -53,10 +53,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, xla_forward: bool = False) -> ja
   """``x [N, H, W, Cin]`` convolved with ``kernel [3, 3, Cin, Cout]``, stride 1, zero
   padding 1 (no bias), by the C++ kernel (``xla_forward``: by XLA's, the gradients still
   by the kernels); differentiable once (its own VJP), batched under ``vmap`` (images and
-  kernels both). The forward takes any number of input channels (a few, as a VAE's
-  3-channel ``conv_in``, are gathered into 9 Cin floats a pixel: 16 x 64 x 64 x 3 -> 32
-  in 2.0-2.4 ms against XLA's 4.6-5.2); other channel counts that are not multiples of 8
-  are padded with zero channels for the kernel (which add nothing) and cut off after. Raises RuntimeError if the kernels are not
+  kernels both). Channels in or out that are not multiples of 8 are padded with zero
+  channels for the kernel (which add nothing) and cut off after: a VAE's 3-channel
+  ``conv_in`` runs ~4x XLA's speed that way. Raises RuntimeError if the kernels are not
   available (:func:`build.load`), ValueError for other dtypes or kernel shapes."""
   if not build.load():
     raise RuntimeError("the CPU kernels are not available (see the log, or IP2P_KERNELS)")
@@ -88,14 +87,12 @@ def _pad8(x, axes=(-1,)):
 def _call(x, kernel, flip=False):
   """The kernel's convolution; ``flip``: with ``kernel`` flipped and its channels swapped
   (the input gradient), rearranged inside the call. Channels are padded to multiples of
-  8 around the call, but for the forward's input channels."""
+  8 around the call."""
   out_channels = kernel.shape[-2 if flip else -1]
-  if flip:
-    x, kernel = _pad8(x), _pad8(kernel, (-2, -1))
-  else:  # the forward takes any number of input channels (gathered: 9 Cin a pixel)
-    kernel = _pad8(kernel)
+  x = _pad8(x)
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (_up8(out_channels),), x.dtype)
-  y = jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, kernel, flip=flip)
+  y = jax.ffi.ffi_call(CONV, out, vmap_method="broadcast_all")(x, _pad8(kernel, (-2, -1)),
+                                                                flip=flip)
   return y[..., :out_channels]
 
 
