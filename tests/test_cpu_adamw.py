@@ -4,10 +4,13 @@ with the same optimizer state (a checkpoint of one path resumes in the other), o
 steps that clip and that do not, warm-up and cosine schedules, and leaves of every size
 (the vector loop's tail included); the train step uses it where ``FusedAdamW.of`` says
 and falls back to optax for other parameter dtypes; bad operands are refused."""
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ip2p_jax.kernels import build, cpu_adamw
@@ -51,9 +54,12 @@ def assert_trees_close(got, want):
     np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=TOL * float(np.abs(w).max()))
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_fused_steps_equal_optax_steps(schedule):
-  c = config(lr_schedule=schedule)
+@pytest.mark.parametrize("schedule,eps,weight_decay", [
+    ("constant", 1e-8, 1e-2), ("cosine", 1e-8, 1e-2),
+    ("constant", 1e-3, 0.0),  # eps large enough to move every update; no weight decay
+])
+def test_fused_steps_equal_optax_steps(schedule, eps, weight_decay):
+  c = config(lr_schedule=schedule, adam_eps=eps, weight_decay=weight_decay)
   optimizer, fused = state_lib.make_optimizer(c), state_lib.FusedAdamW.of(c)
   assert fused is not None
   rng = np.random.default_rng(0)
@@ -72,7 +78,7 @@ def test_fused_steps_equal_optax_steps(schedule):
     got = got.replace(step=got.step + 1, params=out[0], opt_state=out[1], ema_params=out[2])
   assert clipped == 3
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got.params, params)
-  assert min(jax.tree.leaves(moved)) > 1e-4  # every leaf was updated, tail elements too
+  assert min(jax.tree.leaves(moved)) > 1e-5  # every leaf was updated, tail elements too
   assert int(got.opt_state[1][0].count) == int(got.opt_state[1][2].count) == 6
 
 
@@ -91,8 +97,16 @@ def test_train_step_uses_the_kernel_in_place_and_equals_optax():
   batch = {"target": jnp.float32(0.5)}
   steps = {name: jax.jit(make_step(loss, optimizer, schedule, ema_decay=0.99, fused=f),
                          donate_argnums=(0,)) for name, f in (("optax", None), ("fused", fused))}
-  hlo = steps["fused"].lower(state_lib.create(params, optimizer, 0), {}, batch).as_text()
-  assert cpu_adamw.TARGET in hlo
+  compiled = steps["fused"].lower(state_lib.create(params, optimizer, 0), {}, batch).compile()
+  assert cpu_adamw.TARGET in compiled.as_text()
+  # In place: each leaf's four results alias its parameter, moments and EMA operands,
+  # and none of the moments or EMA (which only the update touches) is copied first.
+  call = next(line for line in compiled.as_text().splitlines() if cpu_adamw.TARGET in line)
+  aliases = re.findall(r"\{(\d+)\}: \((\d+), \{\}\)", call)
+  leaves = len(jax.tree.leaves(params))
+  assert sorted((int(o), int(i)) for o, i in aliases) == [
+      (4 * l + j, 1 + 5 * l + k) for l in range(leaves) for j, k in enumerate((0, 2, 3, 4))]
+  assert re.search(r"= f32\S* copy\(%state_(ema|opt)", compiled.as_text()) is None
   assert cpu_adamw.TARGET not in steps["optax"].lower(
       state_lib.create(params, optimizer, 0), {}, batch).as_text()
   states = {name: state_lib.create(jax.tree.map(jnp.copy, params), optimizer, 0)
@@ -120,10 +134,22 @@ def test_other_parameter_dtypes_take_optax():
   assert new.params["w"].dtype == jnp.bfloat16
 
 
-def test_fused_update_applies_only_to_the_plain_chain():
+def test_fused_update_applies_only_to_the_plain_chain(monkeypatch):
   assert state_lib.FusedAdamW.of(config()) is not None
   assert state_lib.FusedAdamW.of(config(stage="vae", vae_train="decoder")) is None
   assert state_lib.FusedAdamW.of(config(customize=dict(method="lora", rank=4))) is None
+  monkeypatch.setattr(build, "load", lambda: False)  # kernels off or not buildable
+  assert state_lib.FusedAdamW.of(config()) is None
+
+
+def test_other_optimizer_states_are_refused():
+  c = config()
+  fused = state_lib.FusedAdamW.of(c)
+  params = {"w": jnp.ones((8,), jnp.float32)}
+  other = optax.multi_transform({"a": optax.adam(1e-3)}, {"w": "a"})
+  state = state_lib.create(params, other, 0)
+  with pytest.raises(TypeError, match="clip -> adamw"):
+    fused.update({"w": jnp.ones((8,), jnp.float32)}, state, jnp.float32(0.9))
 
 
 def test_bad_operands_are_refused():

@@ -48,9 +48,10 @@ def kernel_built():
 # sizes; channels 8-192, in != out both ways (8-128 floats out: every register tile of
 # the 8- and 16-float builds, 16- and 8-float remainders), more row chunks than images,
 # more images than chunks, output channels split over tasks (few small images, wide);
-# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros; gathered
-# and stacked). Images of at most 64 pixels take the gathered (im2col) path, larger ones
-# the stacked one.
+# channels that are not multiples of 8 (3 and 20 in, 4 out: padded with zeros). The
+# forward reads every image's taps in place (indirect product); the kernel gradient of
+# images of at most 64 pixels takes the gathered (im2col) path, of larger ones the
+# stacked one.
 CASES = [
     (2, 8, 8, 8, 16),
     (1, 5, 9, 24, 8),
@@ -82,7 +83,7 @@ def test_forward_and_gradients_equal_xla(n, h, w, cin, cout, xla_forward):
     close(got, expected)
 
 
-@pytest.mark.parametrize("h,w", [(6, 5), (9, 11)])  # gathered (im2col) and stacked
+@pytest.mark.parametrize("h,w", [(6, 5), (9, 11)])  # kernel gradient: gathered, stacked
 def test_vmap_over_images_and_over_kernels(h, w):
   """Batch editing maps the UNet over images (one kernel): the mapped axis joins the
   batch; mapping over kernels too (an ensemble) gives each image group its kernel.

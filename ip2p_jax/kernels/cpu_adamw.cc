@@ -10,6 +10,8 @@
 // state. The arithmetic is optax's, in its order (GCC may contract a * b + c into FMAs).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -94,7 +96,7 @@ ffi::Error AdamWEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Re
         "ema): got " + std::to_string(args.size()) + " operands, " +
         std::to_string(rets.size()) + " results");
   Step s;
-  std::copy_n(scalars.typed_data(), sizeof(Step) / sizeof(float), &s.grad_norm);
+  std::memcpy(&s, scalars.typed_data(), sizeof(Step));
   const Hyper h{b1, one_minus_b1, b2, one_minus_b2, eps, eps_root, weight_decay, max_norm};
   const bool clip = !(s.grad_norm < h.max_norm);  // optax: select(norm < max, g, clipped)
 
@@ -107,8 +109,20 @@ ffi::Error AdamWEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Re
     long leaf, begin, end;
   };
   const long leaves = static_cast<long>(args.size() / kIn);
-  std::vector<Leaf> leaf(leaves);
+  std::vector<Leaf> leaf;
   std::vector<Task> tasks;
+  try {  // no exception may cross XLA's C API
+    leaf.resize(leaves);
+    long chunks = 0;
+    for (long l = 0; l < leaves; ++l) {
+      auto b = args.get<ffi::Buffer<ffi::F32>>(l * kIn);
+      if (b.has_error()) return b.error();
+      chunks += (static_cast<long>(b->element_count()) + kChunk - 1) / kChunk;
+    }
+    tasks.reserve(chunks);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("out of memory for the update's task list");
+  }
   for (long l = 0; l < leaves; ++l) {
     long size = -1;
     for (long k = 0; k < kIn; ++k) {

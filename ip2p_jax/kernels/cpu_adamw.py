@@ -5,7 +5,7 @@ XLA:CPU runs optax's chain (``clip_by_global_norm``, ``adamw``, ``apply_updates`
 the EMA as several loop fusions per leaf (49 ms for the small UNet's 18M parameters on
 two cores); the kernel streams each element's parameter, gradient, moments and EMA once
 (21 ms), every leaf in one call, the outputs aliased to the inputs so that a donated train state is updated
-in place. :func:`ip2p_jax.train.state.fused_update` uses it where :func:`takes` says.
+in place. ``train.state.FusedAdamW`` uses it where :func:`takes` says.
 Built and registered by :mod:`ip2p_jax.kernels.build`.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from ip2p_jax.kernels import build
 TARGET = "ip2p_adamw_ema"
 
 
-def takes(leaves: Sequence[jax.Array]) -> bool:
-  """Whether the kernel updates these parameter leaves: all float32, on the CPU backend
-  with one device (an FFI call has no sharding rule: a sharded state would be gathered),
-  the kernels loaded."""
+def takes(leaves: Sequence[jax.Array] = ()) -> bool:
+  """Whether the kernel updates these leaves (parameters and EMA): all float32, on the
+  CPU backend with one device (an FFI call has no sharding rule: a sharded state would
+  be gathered), the kernels loaded."""
   return (all(leaf.dtype == jnp.float32 for leaf in leaves) and jax.default_backend() == "cpu"
           and jax.device_count() == 1 and build.load())
 

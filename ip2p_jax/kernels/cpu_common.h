@@ -304,13 +304,14 @@ constexpr auto kHalfRows = rows_half_table(std::make_integer_sequence<int, kMaxR
 
 // gemm's indirect twin for convolutions: C[M x N] (+)= sum over taps t < taps.count of
 // A_t B_t, where row m of A_t starts at A + row_offset[m] + taps.a_offset[t] (K floats,
-// contiguous) and B_t = B + t taps.b_stride (row-major, ldb). B is cut into L1-sized
+// contiguous; a_offset nullptr: 0) and B_t = B + t taps.b_stride (row-major, ldb). B is cut into L1-sized
 // slices as in gemm.
 inline void gemm_rows(Tile t, long M, long N, long K, const float* A, const long* row_offset,
                       const float* B, long ldb, float* C, long ldc, bool accumulate,
                       const Taps& taps) {
   constexpr long kBudget = 16 << 10;
   constexpr int kMaxTaps = 9;
+  if (taps.count <= 0) return;
   const long width = t.vectors * VW;
   const long slice = std::max<long>(W, kBudget / (4 * width));
   const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1,
@@ -330,7 +331,8 @@ inline void gemm_rows(Tile t, long M, long N, long K, const float* A, const long
           const int r = static_cast<int>(std::min<long>(t.rows, M - i));
           for (int tap = 0; tap < count; ++tap)
             for (int q = 0; q < r; ++q)
-              ptr[tap * r + q] = A + row_offset[i + q] + taps.a_offset[g0 + tap] + k0;
+              ptr[tap * r + q] = A + row_offset[i + q] + k0 +
+                                 (taps.a_offset ? taps.a_offset[g0 + tap] : 0);
           float* c = C + i * ldc + j;
           if (nv > 0)
             kMicroRows[r - 1][nv - 1](kn, ptr, count, bg + k0 * ldb, ldb, taps.b_stride, c,

@@ -16,6 +16,7 @@
 // neighbourhoods (im2col) instead.
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -179,7 +180,12 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const Split split(pool, tile, groups, per_group * s.height, s.width, cout);
   Scratch stack((s.stacked_rows(s.batch) + 3) * pw * s.channels, false);
   stack_images(pool, s, x.typed_data(), stack.data());
-  std::vector<long> at(s.batch * s.height * s.width);  // pixel -> its top-left tap
+  std::vector<long> at;  // pixel -> its top-left tap in the stack
+  try {  // no exception may cross XLA's C API
+    at.resize(s.batch * s.height * s.width);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("out of memory for the pixels' offsets");
+  }
   parallel_for(pool, s.batch, [&](long n) {
     for (long yy = 0; yy < s.height; ++yy)
       for (long xx = 0; xx < s.width; ++xx)

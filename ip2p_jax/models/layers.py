@@ -64,9 +64,11 @@ class Conv(nn.Module):
   :mod:`ip2p_jax.kernels.cpu_conv` (:func:`~ip2p_jax.kernels.cpu_conv.plan`: both ways,
   1.5-3x XLA:CPU's speed, except where XLA's forward is as fast: layers writing more
   than 64 channels on an AVX2 build, output channels that are not a multiple of 8, or a
-  few input channels fanning out to more than 64; there the gradients only); everything
-  else runs ``lax.conv_general_dilated``. Those
-  layers differentiate in reverse mode once (a custom VJP), not forward mode: set
+  few input channels fanning out to more than 64; there the gradients only). A 1x1
+  stride-1 unpadded convolution is one product over the channels (``dot_general``:
+  XLA:CPU ran those convolutions at a quarter of its products' speed; XLA turns such a
+  convolution into this product on accelerators anyway); everything else runs
+  ``lax.conv_general_dilated``. The kernels' layers differentiate in reverse mode once (a custom VJP), not forward mode: set
   ``IP2P_KERNELS=off`` for ``jax.jvp`` or higher derivatives."""
   features: int
   kernel_size: int

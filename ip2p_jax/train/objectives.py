@@ -112,14 +112,14 @@ def instruct_pix2pix(unet, vae, text_encoder, schedule: schedules.ScheduleConfig
 
   def loss(params, frozen, batch, rng):
     k_post, k_drop, k_diff = jax.random.split(rng, 3)
-    # Both images through the encoder as one batch (per image the same arithmetic; one
+    # Both images through the encoder as one batch, each example's pair side by side (a
+    # batch sharded over devices stays where it is; per image the same arithmetic, one
     # call of each layer instead of two).
-    n = batch["edited_image"].shape[0]
+    pairs = jnp.stack([batch["edited_image"], batch["input_image"]], 1)
     both = vae.apply({"params": frozen["vae"]},
-                     to_unit(jnp.concatenate([batch["edited_image"], batch["input_image"]])),
-                     method="encode")
-    edited, image = (jax.tree.map(lambda a, part=part: a[part], both)
-                     for part in (slice(None, n), slice(n, None)))
+                     to_unit(pairs.reshape((-1,) + pairs.shape[2:])), method="encode")
+    edited, image = (jax.tree.map(lambda a, i=i: a.reshape((-1, 2) + a.shape[1:])[:, i], both)
+                     for i in (0, 1))
     target_latent = edited.sample(k_post) * scale
     image_latent = image.mode()
     text = text_encoder.apply({"params": frozen["text_encoder"]},

@@ -132,11 +132,13 @@ class FusedAdamW:
     """:data:`Update` on ``make_optimizer(config)``'s state: ``(clip, (adam, decayed
     weights, schedule))``."""
     from ip2p_jax.kernels import cpu_adamw
-    clip_state, (adam, decayed, scheduled) = state.opt_state
-    if not (isinstance(adam, optax.ScaleByAdamState)
-            and isinstance(scheduled, optax.ScaleByScheduleState)):
-      raise TypeError("FusedAdamW updates make_optimizer's clip -> adamw(schedule) state; got "
-                      f"{type(adam).__name__}, {type(scheduled).__name__}")
+    opt = state.opt_state
+    if not (isinstance(opt, tuple) and len(opt) == 2 and isinstance(opt[1], tuple)
+            and len(opt[1]) == 3 and isinstance(opt[1][0], optax.ScaleByAdamState)
+            and isinstance(opt[1][2], optax.ScaleByScheduleState)):
+      raise TypeError("FusedAdamW updates make_optimizer's clip -> adamw(schedule) state; "
+                      f"got {type(opt).__name__}")
+    clip_state, (adam, decayed, scheduled) = opt
     leaves, tree = jax.tree.flatten(state.params)
     count = _safe_increment(adam.count)
     params, mu, nu, ema = cpu_adamw.adamw_ema(

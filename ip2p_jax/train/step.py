@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ip2p_jax.kernels import cpu_adamw
 from ip2p_jax.train import state as state_lib
 
 
@@ -17,13 +18,14 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   """``step(state, frozen, batch) -> (state, metrics)``; the batch's leading axis is
   the global batch, split into ``grad_accum_steps`` micro-batches. The update is
   ``optimizer``'s, or ``fused``'s (the same AdamW as one CPU pass) where it is given and
-  the parameters are float32."""
+  its kernel takes the parameters and their EMA (float32)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   generic = state_lib.optax_update(optimizer)
 
   def update(grads, state, decay):
-    float32 = all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    return (fused.update if fused is not None and float32 else generic)(grads, state, decay)
+    takes = fused is not None and cpu_adamw.takes(
+        jax.tree.leaves(state.params) + jax.tree.leaves(state.ema_params))
+    return (fused.update if takes else generic)(grads, state, decay)
 
   def step(state: state_lib.TrainState, frozen, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
