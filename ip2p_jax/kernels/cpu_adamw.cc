@@ -45,7 +45,7 @@ struct Hyper {
 typedef float v1 __attribute__((vector_size(4)));  // one float: the tail, the same code
 
 template <typename V>
-inline V vsqrt(V x) {  // a lane loop GCC turns into one vsqrtps (with -fno-math-errno)
+inline V vsqrt(V x) {  // a lane loop GCC turns into vsqrtps (with -fno-math-errno)
   V r;
   for (int i = 0; i < lanes<V>; ++i) r[i] = __builtin_sqrtf(x[i]);
   return r;
