@@ -132,11 +132,45 @@ struct Taps {
   long b_stride = 0;
 };
 
-// C[R x NV lanes] (+)= sum over taps of A_t B_t over k < K, in vectors of type V;
-// A(r, k) = A[r ars + k acs], B row-major (ldb).
-template <typename V, int R, int NV>
-void micro(long K, const float* A, long ars, long acs, const float* B, long ldb, float* C,
-           long ldc, bool accumulate, const Taps& taps) {
+// Where a register tile's R rows of A are, tap by tap: ``tap<R>(t)`` gives A_t(r, k).
+// Strided: row r at a + a_offset[t] + r ars, its floats acs apart (a plain or transposed
+// matrix, shifted per tap).
+struct StridedRows {
+  const float* a;
+  long ars, acs;
+  const long* a_offset;  // nullptr: 0
+  struct Tap {
+    const float* a;
+    long ars, acs;
+    float operator()(int r, long k) const { return a[r * ars + k * acs]; }
+  };
+  template <int R>
+  Tap tap(int t) const { return {a + (a_offset ? a_offset[t] : 0), ars, acs}; }
+};
+// Indirect: row r of tap t at its own pointer rows[t R + r], contiguous (a convolution's
+// output pixels, whose neighbourhoods are not evenly spaced at the end of an image row).
+struct IndirectRows {
+  const float* const* rows;
+  template <int R>
+  struct Tap {
+    const float* a[R];
+    float operator()(int r, long k) const { return a[r][k]; }
+  };
+  template <int R>
+  Tap<R> tap(int t) const {
+    Tap<R> x;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) x.a[r] = rows[t * R + r];
+    return x;
+  }
+};
+
+// C[R x NV lanes] (+)= sum over taps t < taps of A_t B_t over k < K, in vectors of type
+// V; A_t's rows as ``rows`` says, B_t = B + t b_stride row-major (ldb). The accumulators
+// stay in registers across all taps.
+template <typename V, int R, int NV, typename Rows>
+void micro(long K, const Rows& rows, int taps, const float* B, long ldb, long b_stride, float* C,
+           long ldc, bool accumulate) {
   constexpr int L = lanes<V>;
   V acc[R][NV];
 #pragma GCC unroll 16
@@ -144,9 +178,9 @@ void micro(long K, const float* A, long ars, long acs, const float* B, long ldb,
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
       acc[r][v] = accumulate ? load<V>(C + r * ldc + v * L) : splat<V>(0);
-  for (int t = 0; t < taps.count; ++t) {
-    const float* a = A + (taps.a_offset ? taps.a_offset[t] : 0);
-    const float* bt = B + t * taps.b_stride;
+  for (int t = 0; t < taps; ++t) {
+    const auto a = rows.template tap<R>(t);
+    const float* bt = B + t * b_stride;
     for (long k = 0; k < K; ++k) {
       const float* b = bt + k * ldb;
       V bv[NV];
@@ -154,7 +188,7 @@ void micro(long K, const float* A, long ars, long acs, const float* B, long ldb,
       for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + v * L);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        V x = splat<V>(a[r * ars + k * acs]);
+        V x = splat<V>(a(r, k));
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
       }
@@ -166,8 +200,8 @@ void micro(long K, const float* A, long ars, long acs, const float* B, long ldb,
     for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, acc[r][v]);
 }
 
-using Micro = void (*)(long, const float*, long, long, const float*, long, float*, long, bool,
-                       const Taps&);
+template <typename Rows>
+using Micro = void (*)(long, const Rows&, int, const float*, long, long, float*, long, bool);
 
 // A register tile of C: rows by vectors of VW floats, as many accumulators as the
 // registers allow with the B vectors and a broadcast beside them. AVX2 (16 registers):
@@ -188,162 +222,103 @@ struct Tile {
   }
 };
 constexpr int kMaxR = 14, kMaxNV = 4;  // the tiles Tile::for_width picks, and their remainders
+constexpr int kMaxTaps = 9;            // taps a product sums at once (a 3x3 convolution's)
 
-template <typename V, int R, int... NV>
-constexpr std::array<Micro, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
-  return {micro<V, R, NV + 1>...};
+template <typename V, typename Rows, int R, int... NV>
+constexpr std::array<Micro<Rows>, kMaxNV> row_of(std::integer_sequence<int, NV...>) {
+  return {micro<V, R, NV + 1, Rows>...};
 }
-template <typename V, int... R>
-constexpr std::array<std::array<Micro, kMaxNV>, kMaxR> table(std::integer_sequence<int, R...>) {
-  return {row_of<V, R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
+template <typename V, typename Rows, int... R>
+constexpr std::array<std::array<Micro<Rows>, kMaxNV>, kMaxR> table(
+    std::integer_sequence<int, R...>) {
+  return {row_of<V, Rows, R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
 }
-template <int... R>
-constexpr std::array<Micro, kMaxR> half_table(std::integer_sequence<int, R...>) {
-  return {micro<v8, R + 1, 1>...};
+template <typename Rows, int... R>
+constexpr std::array<Micro<Rows>, kMaxR> half_table(std::integer_sequence<int, R...>) {
+  return {micro<v8, R + 1, 1, Rows>...};
 }
-// kMicro[rows - 1][vectors - 1] on VW-float vectors; kHalf[rows - 1]: one 8-float vector.
-constexpr auto kMicro = table<vf>(std::make_integer_sequence<int, kMaxR>());
-constexpr auto kHalf = half_table(std::make_integer_sequence<int, kMaxR>());
+// kMicro<Rows>[rows - 1][vectors - 1] on VW-float vectors; kHalf<Rows>[rows - 1]: one
+// 8-float vector.
+template <typename Rows>
+constexpr auto kMicro = table<vf, Rows>(std::make_integer_sequence<int, kMaxR>());
+template <typename Rows>
+constexpr auto kHalf = half_table<Rows>(std::make_integer_sequence<int, kMaxR>());
 
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of W. B's columns come in panels of
-// the tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major
-// matrix whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so
-// K, and a convolution's taps, are cut into slices of up to 16 KiB of B, which stay in a
-// core's L1 cache (a 256 x 40 slice streamed from L2 held the attention's value product
-// to L2's bandwidth; 9 taps of 128 channels held a convolution to 60% of its speed).
-inline void gemm(Tile t, long M, long N, long K, const float* A, long ars, long acs,
-                 const float* B, long ldb, long panel, float* C, long ldc, bool accumulate,
-                 const Taps& taps = Taps{}) {
+// The blocking shared by gemm and gemm_rows: C[M x N] (+)= sum over taps t of A_t B_t,
+// N a multiple of W, B_t = B + t taps.b_stride. B's columns come in panels of the
+// tile's width: panel p starts at B + p * panel (panel = 0: B is one row-major matrix
+// whose rows are ldb apart). Every row tile of C sweeps the same slice of B, so K, and
+// a convolution's taps, are cut into slices of up to 16 KiB of B, which stay in a core's
+// L1 cache (a 256 x 40 slice streamed from L2 held the attention's value product to L2's
+// bandwidth; 9 taps of 128 channels held a convolution to 60% of its speed).
+// ``rows_at(i, r, g0, count, k0)``: the A rows (StridedRows or IndirectRows) of C's rows
+// [i, i + r), taps [g0, g0 + count), from float k0 on.
+template <typename RowsAt>
+void blocked_product(Tile t, long M, long N, long K, const float* B, long ldb, long panel,
+                     float* C, long ldc, bool accumulate, const Taps& taps,
+                     const RowsAt& rows_at) {
   constexpr long kBudget = 16 << 10;
+  if (taps.count <= 0) return;
   const long width = t.vectors * VW;
   const long slice = std::max<long>(W, kBudget / (4 * width));
-  const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1, taps.count);
+  const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1,
+                                      std::min(taps.count, kMaxTaps));
   for (long j = 0; j < N; j += width) {
     const long cols = std::min(width, N - j);
     const int nv = static_cast<int>(cols / VW);
     const bool half = cols % VW != 0;  // 8 floats left (VW = 16 only)
     const float* b = panel ? B + j / width * panel : B + j;
     for (long g0 = 0; g0 < taps.count; g0 += group) {
-      const Taps part{static_cast<int>(std::min<long>(group, taps.count - g0)),
-                      taps.a_offset ? taps.a_offset + g0 : nullptr, taps.b_stride};
+      const int count = static_cast<int>(std::min<long>(group, taps.count - g0));
       const float* bg = b + g0 * taps.b_stride;
       const bool acc = accumulate || g0 > 0;
       for (long k0 = 0; k0 < K; k0 += slice) {
         const long kn = std::min(slice, K - k0);
         for (long i = 0; i < M; i += t.rows) {
           const int r = static_cast<int>(std::min<long>(t.rows, M - i));
-          const float* a = A + i * ars + k0 * acs;
+          const auto rows = rows_at(i, r, g0, count, k0);
+          using Rows = std::decay_t<decltype(rows)>;
           float* c = C + i * ldc + j;
           if (nv > 0)
-            kMicro[r - 1][nv - 1](kn, a, ars, acs, bg + k0 * ldb, ldb, c, ldc, acc || k0 > 0,
-                                  part);
+            kMicro<Rows>[r - 1][nv - 1](kn, rows, count, bg + k0 * ldb, ldb, taps.b_stride, c,
+                                        ldc, acc || k0 > 0);
           if (half)
-            kHalf[r - 1](kn, a, ars, acs, bg + k0 * ldb + nv * VW, ldb, c + nv * VW, ldc,
-                         acc || k0 > 0, part);
+            kHalf<Rows>[r - 1](kn, rows, count, bg + k0 * ldb + nv * VW, ldb, taps.b_stride,
+                               c + nv * VW, ldc, acc || k0 > 0);
         }
       }
     }
   }
 }
 
-// C[R x NV lanes] (+)= sum over taps t of A_t B_t over k < K, A_t's R rows each
-// contiguous in k at their own pointers ``rows[t R + r]`` (an indirect product: a
-// convolution's output pixels whose neighbourhoods are not evenly spaced, as at the end
-// of an image row); B_t = B + t b_stride, row-major (ldb).
-template <typename V, int R, int NV>
-void micro_rows(long K, const float* const* rows, int taps, const float* B, long ldb,
-                long b_stride, float* C, long ldc, bool accumulate) {
-  constexpr int L = lanes<V>;
-  V acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? load<V>(C + r * ldc + v * L) : splat<V>(0);
-  for (int t = 0; t < taps; ++t) {
-    const float* a[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) a[r] = rows[t * R + r];
-    const float* bt = B + t * b_stride;
-    for (long k = 0; k < K; ++k) {
-      const float* b = bt + k * ldb;
-      V bv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + v * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        V x = splat<V>(a[r][k]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, acc[r][v]);
+// C[M x N] (+)= A[M x K] B[K x N] (summed over taps: A shifted by taps.a_offset[t], B by
+// t taps.b_stride); A(r, k) = A[r ars + k acs]; N a multiple of W; B in panels as
+// blocked_product says.
+inline void gemm(Tile t, long M, long N, long K, const float* A, long ars, long acs,
+                 const float* B, long ldb, long panel, float* C, long ldc, bool accumulate,
+                 const Taps& taps = Taps{}) {
+  blocked_product(t, M, N, K, B, ldb, panel, C, ldc, accumulate, taps,
+                  [&](long i, int, long g0, int, long k0) {
+                    return StridedRows{A + i * ars + k0 * acs, ars, acs,
+                                       taps.a_offset ? taps.a_offset + g0 : nullptr};
+                  });
 }
 
-using MicroRows = void (*)(long, const float* const*, int, const float*, long, long, float*,
-                           long, bool);
-template <typename V, int R, int... NV>
-constexpr std::array<MicroRows, kMaxNV> rows_row_of(std::integer_sequence<int, NV...>) {
-  return {micro_rows<V, R, NV + 1>...};
-}
-template <typename V, int... R>
-constexpr std::array<std::array<MicroRows, kMaxNV>, kMaxR> rows_table(
-    std::integer_sequence<int, R...>) {
-  return {rows_row_of<V, R + 1>(std::make_integer_sequence<int, kMaxNV>())...};
-}
-template <int... R>
-constexpr std::array<MicroRows, kMaxR> rows_half_table(std::integer_sequence<int, R...>) {
-  return {micro_rows<v8, R + 1, 1>...};
-}
-constexpr auto kMicroRows = rows_table<vf>(std::make_integer_sequence<int, kMaxR>());
-constexpr auto kHalfRows = rows_half_table(std::make_integer_sequence<int, kMaxR>());
-
-// gemm's indirect twin for convolutions: C[M x N] (+)= sum over taps t < taps.count of
-// A_t B_t, where row m of A_t starts at A + row_offset[m] + taps.a_offset[t] (K floats,
-// contiguous; a_offset nullptr: 0) and B_t = B + t taps.b_stride (row-major, ldb). B is cut into L1-sized
-// slices as in gemm.
+// gemm's indirect twin for convolutions: C[M x N] (+)= sum over taps t of A_t B_t, where
+// row m of A_t starts at A + row_offset[m] + taps.a_offset[t] (K floats, contiguous;
+// a_offset nullptr: 0) and B_t = B + t taps.b_stride (row-major, ldb).
 inline void gemm_rows(Tile t, long M, long N, long K, const float* A, const long* row_offset,
                       const float* B, long ldb, float* C, long ldc, bool accumulate,
                       const Taps& taps) {
-  constexpr long kBudget = 16 << 10;
-  constexpr int kMaxTaps = 9;
-  if (taps.count <= 0) return;
-  const long width = t.vectors * VW;
-  const long slice = std::max<long>(W, kBudget / (4 * width));
-  const long group = std::clamp<long>(kBudget / (4 * width * std::min(K, slice)), 1,
-                                      std::min(taps.count, kMaxTaps));
   const float* ptr[kMaxTaps * kMaxR];
-  for (long j = 0; j < N; j += width) {
-    const long cols = std::min(width, N - j);
-    const int nv = static_cast<int>(cols / VW);
-    const bool half = cols % VW != 0;
-    for (long g0 = 0; g0 < taps.count; g0 += group) {
-      const int count = static_cast<int>(std::min<long>(group, taps.count - g0));
-      const float* bg = B + j + g0 * taps.b_stride;
-      const bool acc = accumulate || g0 > 0;
-      for (long k0 = 0; k0 < K; k0 += slice) {
-        const long kn = std::min(slice, K - k0);
-        for (long i = 0; i < M; i += t.rows) {
-          const int r = static_cast<int>(std::min<long>(t.rows, M - i));
-          for (int tap = 0; tap < count; ++tap)
-            for (int q = 0; q < r; ++q)
-              ptr[tap * r + q] = A + row_offset[i + q] + k0 +
-                                 (taps.a_offset ? taps.a_offset[g0 + tap] : 0);
-          float* c = C + i * ldc + j;
-          if (nv > 0)
-            kMicroRows[r - 1][nv - 1](kn, ptr, count, bg + k0 * ldb, ldb, taps.b_stride, c,
-                                      ldc, acc || k0 > 0);
-          if (half)
-            kHalfRows[r - 1](kn, ptr, count, bg + k0 * ldb + nv * VW, ldb, taps.b_stride,
-                             c + nv * VW, ldc, acc || k0 > 0);
-        }
-      }
-    }
-  }
+  blocked_product(t, M, N, K, B, ldb, 0, C, ldc, accumulate, taps,
+                  [&](long i, int r, long g0, int count, long k0) {
+                    for (int tap = 0; tap < count; ++tap)
+                      for (int q = 0; q < r; ++q)
+                        ptr[tap * r + q] = A + row_offset[i + q] + k0 +
+                                           (taps.a_offset ? taps.a_offset[g0 + tap] : 0);
+                    return IndirectRows{ptr};
+                  });
 }
 
 // body(i) for i < n on the caller and XLA's intra-op pool. Helpers that start after

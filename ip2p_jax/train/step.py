@@ -48,7 +48,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                                          (jnp.arange(grad_accum_steps), micro))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
     params, opt_state, ema = update(grads, state, state_lib.ema_decay(state.step, ema_decay))
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, metrics
 
